@@ -207,7 +207,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.chat_template": "chatml", "lora.r": 16, "lora.alpha": 16,
         "train.batch_size": 8, "train.grad_accum": 1, "train.optim": "adamw_torch",
         "train.gradient_checkpointing": "false", "train.learning_rate": 2e-3, "train.epochs": 3,
-        "train.warmup_steps": 10, "train.output_dir": "outputs/demo",
+        "train.warmup_steps": 10, "train.logging_steps": 10, "train.output_dir": "outputs/demo",
         "data.source": "demo", "data.eval_size": 0.1,
         "export.formats": ["lora", "merged_16bit"], "export.output_dir": "outputs/demo/model",
     },

@@ -1,0 +1,5 @@
+import sys
+
+from sftlib.cli import main
+
+sys.exit(main())

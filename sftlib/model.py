@@ -1,0 +1,229 @@
+"""Load a base model, fit its tokenizer to a chat template, and add LoRA.
+
+    from sftlib.model import load_model, prepare_tokenizer, add_lora
+    model, tokenizer = load_model(cfg, backend)             # a Hub name or a local folder, same path
+    info = prepare_tokenizer(model, tokenizer, template)     # adds missing special tokens, a real pad token
+    model = add_lora(model, cfg, backend, train_embeddings=info.added_tokens > 0)
+
+`model.name: demo` is the embedded demo model: a tiny Llama built offline into the cache folder and
+then loaded with `from_pretrained` like any other folder.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")
+NEW_PAD = "<|pad|>"
+
+
+class ModelLoadError(ValueError):
+    """The model or tokenizer could not be loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SFTLIB_CACHE", Path.home() / ".cache" / "sftlib"))
+
+
+def demo_model_folder() -> Path:
+    """Build (once) and return the embedded demo model: a tiny Llama and a tokenizer trained on the demo data."""
+    import json
+
+    from sftlib import demo_data
+    from sftlib.tiny import build_tiny_model
+
+    rows = [json.loads(line) for line in demo_data.path().read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [turn["value"] for row in rows for turn in row["conversations"]]
+    return build_tiny_model(cache_dir() / "demo-model-v1", texts, vocab_size=1024, hidden_size=128,
+                            intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def resolve_model_name(name: str) -> str:
+    return str(demo_model_folder()) if name == "demo" else name
+
+
+def _torch_dtype(name: str, backend):
+    import torch
+
+    if name == "auto":
+        if not backend.cuda:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        return
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"`model.name`: folder {path} has no config.json; point it at a saved model folder")
+    if not weights:
+        raise ModelLoadError(
+            f"`model.name`: folder {path} has no weight files (*.safetensors); save the model there first"
+        )
+
+
+def load_model(cfg, backend):
+    """Load `cfg.model.name` for `backend`; returns (model, tokenizer)."""
+    name = resolve_model_name(cfg.model.name)
+    local = Path(name)
+    _check_folder(local)
+    dtype = _torch_dtype(cfg.model.dtype, backend)
+    try:
+        if backend.name == "unsloth":
+            from unsloth import FastLanguageModel
+
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                model_name=name,
+                max_seq_length=cfg.model.max_seq_length,
+                dtype=None if cfg.model.dtype == "auto" else dtype,
+                load_in_4bit=cfg.model.load_in_4bit,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+            return model, tokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.attn_implementation != "auto":
+            kwargs["attn_implementation"] = cfg.model.attn_implementation
+        if backend.cuda:
+            kwargs["device_map"] = {"": 0}
+            if cfg.model.load_in_4bit:
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=dtype,
+                )
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except ModelLoadError:
+        raise
+    except OSError as exc:
+        where = "folder" if local.exists() else "Hub model"
+        raise ModelLoadError(
+            f"`model.name`: could not load {where} {name!r}: {exc}. "
+            "Without internet access, download the model once and point `model.name` at its local folder."
+        ) from exc
+    if backend.cuda and cfg.model.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, tokenizer
+
+
+@dataclass
+class TokenizerInfo:
+    added_tokens: list[str] = field(default_factory=list)
+    pad_token: str = ""
+    pad_added: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def resized(self) -> bool:
+        return bool(self.added_tokens) or self.pad_added
+
+
+def _is_single_token(tokenizer, text: str) -> bool:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
+
+
+def stop_token_ids(tokenizer, template) -> list[int]:
+    ids = []
+    for text in template.stop_strings(tokenizer.eos_token or ""):
+        if text and _is_single_token(tokenizer, text):
+            ids.append(tokenizer.convert_tokens_to_ids(text))
+    return list(dict.fromkeys(ids))
+
+
+def prepare_tokenizer(model, tokenizer, template) -> TokenizerInfo:
+    """Make `tokenizer` (and `model`'s embeddings) able to express `template`, with a pad token that is not EOS.
+
+    Missing special tokens are added as single special tokens, the embeddings are resized (new rows
+    start at the mean of the old ones), the template becomes `tokenizer.chat_template`, and generation
+    stops at the template's end-of-turn tokens.
+    """
+    info = TokenizerInfo()
+    missing = [t for t in template.special_tokens if not _is_single_token(tokenizer, t)]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+        info.added_tokens = missing
+    eot = template.end_of_turn.replace("{eos}", tokenizer.eos_token or "")
+    pad = tokenizer.pad_token
+    if pad is None or pad in (tokenizer.eos_token, eot):
+        # pad = EOS is the classic bug: the collator masks padding, and with it every EOS the model should learn.
+        pad = next((c for c in PAD_CANDIDATES if c != eot and c in tokenizer.get_vocab()), None)
+        if pad is None:
+            tokenizer.add_tokens([NEW_PAD], special_tokens=True)
+            pad, info.pad_added = NEW_PAD, True
+        tokenizer.pad_token = pad
+    info.pad_token = pad
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    tokenizer.chat_template = template.jinja
+    info.stop_token_ids = stop_token_ids(tokenizer, template)
+    if not info.stop_token_ids:
+        raise ValueError(f"template `{template.name}`: none of its stop tokens is a single token of this tokenizer")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = info.stop_token_ids
+    return info
+
+
+def linear_module_names(model) -> list[str]:
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def add_lora(model, cfg, backend, *, train_embeddings: bool = False):
+    """Wrap `model` with LoRA adapters as `cfg.lora` says; embeddings and LM head are trained too
+    when `train_embeddings` (new tokens need trained rows, or the model can never emit them)."""
+    lora = cfg.lora
+    if lora.train_embeddings == "always":
+        train_embeddings = True
+    elif lora.train_embeddings == "never":
+        if train_embeddings:
+            warnings.warn("tokens were added but `lora.train_embeddings: never`: the model cannot learn to emit them")
+        train_embeddings = False
+    missing = [m for m in lora.target_modules if m not in linear_module_names(model)]
+    if missing:
+        raise ValueError(
+            f"`lora.target_modules`: {missing} not found in this model; its linear layers are "
+            f"{linear_module_names(model)}"
+        )
+    saved = ["embed_tokens", "lm_head"] if train_embeddings else None
+    gc = cfg.train.gradient_checkpointing
+    if backend.name == "unsloth":
+        from unsloth import FastLanguageModel
+
+        targets = list(lora.target_modules) + (saved or [])
+        return FastLanguageModel.get_peft_model(
+            model, r=lora.r, target_modules=targets, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            bias=lora.bias, use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[gc],
+            random_state=cfg.train.seed, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+        )
+    from peft import LoraConfig, get_peft_model
+
+    if gc in ("true", "unsloth"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_cfg = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        bias=lora.bias, use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM",
+        modules_to_save=saved,
+    )
+    import torch
+
+    torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are random: same seed, same start
+    return get_peft_model(model, peft_cfg)

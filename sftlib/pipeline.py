@@ -1,0 +1,130 @@
+"""The whole run, one plain function per step: what `python -m sftlib train` and the demo call.
+
+    from sftlib.config import RunConfig
+    from sftlib.pipeline import run
+    result = run(RunConfig.preset("cpu-demo"))
+    result.before["loss"], result.after["loss"], result.outputs["lora"]
+
+Steps: validate the config -> choose the backend (and adapt the config to it, saying what changed)
+-> load the data -> load the model -> fit the tokenizer to the chat template -> encode with the loss
+mask -> held-out loss before -> add LoRA -> train -> held-out loss after -> save. Each step is a
+function of its own module and can be called alone (see the notebooks).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class RunResult:
+    backend: str = ""
+    notes: list[str] = field(default_factory=list)
+    template: str = ""
+    added_tokens: list[str] = field(default_factory=list)
+    pad_token: str = ""
+    train_rows: int = 0
+    eval_rows: int = 0
+    truncated_rows: int = 0
+    trained_token_share: float = 0.0
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    train: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+
+def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, show_answers: int = 0,
+        callbacks=None) -> RunResult:
+    """Fine-tune as `cfg` says and save the outputs; returns a `RunResult` (also written as JSON)."""
+    from sftlib import backend as backends
+    from sftlib.data import load_dataset
+    from sftlib.encode import encode_dataset
+    from sftlib.evaluate import accuracy, answers, heldout_loss, side_by_side
+    from sftlib.export import save_adapters, save_merged
+    from sftlib.model import add_lora, load_model, prepare_tokenizer
+    from sftlib.templates import get_template
+    from sftlib.train import train
+
+    cfg.validate()
+    result = RunResult()
+    chosen = backends.choose_backend(cfg.backend)
+    result.backend = chosen.name
+    log(str(chosen))
+    result.notes = backends.resolve(cfg, chosen)
+    template = get_template(cfg.model.chat_template)
+    result.template = template.name
+
+    train_ds, eval_ds = load_dataset(cfg.data)
+    log(f"data: {len(train_ds)} training rows, {len(eval_ds) if eval_ds is not None else 0} held out")
+    model, tokenizer = load_model(cfg, chosen)
+    info = prepare_tokenizer(model, tokenizer, template)
+    result.added_tokens, result.pad_token = info.added_tokens, info.pad_token
+    if info.added_tokens:
+        log(f"template {template.name}: added tokens {info.added_tokens}; embeddings resized and trained")
+    log(f"pad token: {info.pad_token!r} (not EOS, so EOS stays trained)")
+
+    encode = dict(train_on=cfg.data.train_on, max_length=cfg.model.max_seq_length)
+    train_rows = encode_dataset(train_ds, tokenizer, template, **encode)
+    eval_rows = encode_dataset(eval_ds, tokenizer, template, **encode) if eval_ds is not None else None
+    result.train_rows, result.eval_rows = len(train_rows), len(eval_rows) if eval_rows is not None else 0
+    result.truncated_rows = sum(train_rows["truncated"])
+    trained = sum(sum(1 for x in labels if x != -100) for labels in train_rows["labels"])
+    total = sum(len(ids) for ids in train_rows["input_ids"])
+    result.trained_token_share = trained / total if total else 0.0
+    log(f"tokens: {total} in training rows, {result.trained_token_share:.0%} trained "
+        f"({cfg.data.train_on}), {result.truncated_rows} rows cut at {cfg.model.max_seq_length}")
+    if trained == 0:
+        raise ValueError("no token is trained: check `data.train_on` and `model.chat_template`")
+
+    conversations = []
+    if eval_ds is not None and answer_samples and "messages" in eval_ds.column_names:
+        conversations = eval_ds.select(range(min(answer_samples, len(eval_ds))))["messages"]
+    if eval_rows is not None:
+        result.before = heldout_loss(model, eval_rows)
+        log(f"held-out loss before: {result.before['loss']:.3f} (perplexity {result.before['perplexity']:.1f})")
+    before_answers = answers(model, tokenizer, template, conversations) if conversations else []
+    if before_answers:
+        result.accuracy_before = accuracy(before_answers)
+
+    model = add_lora(model, cfg, chosen, train_embeddings=bool(info.added_tokens) or info.pad_added)
+    trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} rslora={cfg.lora.use_rslora}: {trained_params:,} trainable parameters")
+    outcome = train(cfg, model, tokenizer, train_rows, backend=chosen, callbacks=callbacks)
+    result.train = json.loads(outcome.to_json())
+    log(f"trained {outcome.steps} steps in {outcome.runtime_s:.1f}s: loss {outcome.first_loss:.3f} -> "
+        f"{outcome.final_loss:.3f}, {outcome.tokens_per_s:,.0f} tokens/s, peak {outcome.peak_memory_gib:.2f} GiB")
+
+    if eval_rows is not None:
+        result.after = heldout_loss(model, eval_rows)
+        log(f"held-out loss after: {result.after['loss']:.3f} (perplexity {result.after['perplexity']:.1f})")
+    after_answers = answers(model, tokenizer, template, conversations) if conversations else []
+    if after_answers:
+        result.accuracy_after = accuracy(after_answers)
+        log(f"held-out exact answers: {result.accuracy_before:.0%} before, {result.accuracy_after:.0%} after "
+            f"({len(after_answers)} conversations)")
+        if show_answers:
+            log(side_by_side(before_answers[:show_answers], after_answers[:show_answers]))
+
+    out = Path(cfg.export.output_dir)
+    formats = cfg.export.formats
+    if "lora" in formats or "merged_16bit" in formats:
+        result.outputs["lora"] = str(save_adapters(model, tokenizer, out / "lora"))
+        log(f"saved LoRA adapters to {result.outputs['lora']}")
+    if "merged_16bit" in formats:
+        result.outputs["merged_16bit"] = str(save_merged(cfg.model.name, out / "lora", out / "merged_16bit"))
+        log(f"saved merged 16-bit model to {result.outputs['merged_16bit']}")
+    for fmt in formats:
+        if fmt not in ("lora", "merged_16bit"):
+            log(f"export format {fmt!r}: not produced by `train`; run `python -m sftlib export` for it")
+    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.train.output_dir) / "run_result.json").write_text(result.to_json())
+    result.model, result.tokenizer, result.template_obj = model, tokenizer, template
+    return result

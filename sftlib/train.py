@@ -1,0 +1,148 @@
+"""Train with TRL's SFTTrainer on already-encoded rows; returns what happened as a `TrainResult`.
+
+    from sftlib.train import train
+    result = train(cfg, model, tokenizer, train_rows, backend=backend)
+    result.losses, result.tokens_seen, result.tokens_per_s, result.peak_memory_gib
+
+The rows carry their own `labels` (see encode.py), so TRL neither re-templates nor re-masks them.
+Packing uses TRL's best-fit-decreasing strategy in padding-free form: packed conversations get
+position ids that restart at 0, from which transformers builds a block-diagonal attention mask
+(SDPA and eager) or variable-length FlashAttention calls, so packed conversations never attend to
+each other, and the first token of each conversation is never predicted from the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainResult:
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+    steps: int = 0
+    tokens_seen: int = 0          # real (non-padding) input tokens
+    runtime_s: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_memory_gib: float = 0.0  # GPU: max allocated; CPU: the process's peak resident memory
+    memory_kind: str = "cpu-rss"
+    output_dir: str = ""
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0][1] if self.losses else math.nan
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1][1] if self.losses else math.nan
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _peak_rss_gib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / (1024 ** 2) if sys.platform != "darwin" else kib / (1024 ** 3)
+
+
+def sft_config(cfg, backend, *, has_eval: bool = False):
+    """The `trl.SFTConfig` for `cfg`: every value comes from the run config, nothing hidden."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.train
+    bf16 = fp16 = False
+    if backend.cuda:
+        bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and torch.cuda.is_bf16_supported())
+        fp16 = not bf16 and cfg.model.dtype != "float32"
+    return SFTConfig(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        report_to=t.report_to if t.report_to != "none" else [],
+        max_length=cfg.model.max_seq_length,
+        packing=t.packing,
+        packing_strategy="bfd",
+        gradient_checkpointing=False,  # set up by sftlib.model.add_lora (or Unsloth) already
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not backend.cuda,
+        include_num_input_tokens_seen="non_padding",
+        eval_strategy="no",
+        per_device_eval_batch_size=t.batch_size,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        disable_tqdm=False,
+    )
+
+
+class _KnownSafePackingWarning(logging.Filter):
+    """Drop TRL's warning that packing without FlashAttention may mix conversations.
+
+    transformers builds a block-diagonal mask from the restarting position ids for SDPA and eager
+    attention too (tests/test_encode.py::test_packed_conversations_do_not_see_each_other proves it),
+    as long as no KV cache is passed, which `train` ensures.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Flash Attention variant" not in record.getMessage()
+
+
+def train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callbacks=None) -> TrainResult:
+    """Fine-tune `model` on `train_rows` (columns `input_ids`, `labels`); returns a `TrainResult`."""
+    import torch
+    from trl import SFTTrainer
+
+    drop = [c for c in train_rows.column_names if c not in ("input_ids", "labels")]
+    if drop:
+        train_rows = train_rows.remove_columns(drop)
+    args = sft_config(cfg, backend)
+    # A KV cache during training hides the packed-sequence boundaries from the mask builder.
+    model.config.use_cache = False
+    trl_logger = logging.getLogger("trl.trainer.sft_trainer")
+    quiet = _KnownSafePackingWarning()
+    trl_logger.addFilter(quiet)
+    try:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
+                             callbacks=callbacks or None)
+    finally:
+        trl_logger.removeFilter(quiet)
+    if backend.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    runtime = time.perf_counter() - start
+    state = trainer.state
+    result = TrainResult(
+        losses=[(log["step"], float(log["loss"])) for log in state.log_history if "loss" in log],
+        steps=state.global_step,
+        tokens_seen=int(state.num_input_tokens_seen),
+        runtime_s=runtime,
+        output_dir=str(Path(args.output_dir)),
+    )
+    result.tokens_per_s = result.tokens_seen / runtime if runtime > 0 else 0.0
+    if backend.cuda:
+        result.peak_memory_gib = torch.cuda.max_memory_allocated() / 1024 ** 3
+        result.memory_kind = "cuda-allocated"
+    else:
+        result.peak_memory_gib = _peak_rss_gib()
+    model.config.use_cache = True
+    return result
