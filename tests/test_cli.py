@@ -1,0 +1,48 @@
+"""The command line as a user types it, and the bundled demo data.
+
+    pytest tests/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from sftlib.demo_data import build
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "sftlib", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_config_prints_a_preset_that_reloads(tmp_path):
+    proc = _cli("config", "--preset", "article", "--set", "lora.r=32")
+    assert proc.returncode == 0, proc.stderr
+    data = yaml.safe_load(proc.stdout)
+    assert data["lora"]["r"] == 32 and data["data"]["train_on"] == "all"
+    path = tmp_path / "run.yaml"
+    path.write_text(proc.stdout)
+    again = _cli("config", "--config", str(path))
+    assert again.returncode == 0 and yaml.safe_load(again.stdout) == data
+
+
+def test_config_errors_are_listed_and_exit_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lora:\n  rank: 8\ntrain:\n  learning_rate: 10\n")
+    proc = _cli("config", "--config", str(path))
+    assert proc.returncode == 2
+    assert "`lora.rank`" in proc.stderr and "did you mean `lora.r`" in proc.stderr
+    assert "`train.learning_rate`" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bundled_demo_data_is_what_the_builder_writes():
+    assert build.render_jsonl(build.build()) == build.OUT.read_text(encoding="utf-8")
