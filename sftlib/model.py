@@ -90,14 +90,19 @@ def load_model(cfg, backend):
         kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
         if cfg.model.attn_implementation != "auto":
             kwargs["attn_implementation"] = cfg.model.attn_implementation
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
         if backend.cuda:
-            kwargs["device_map"] = {"": 0}
+            if not fsdp:
+                # one whole model per process: under `accelerate launch` (DDP) each rank uses its own GPU
+                kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
             if cfg.model.load_in_4bit:
                 from transformers import BitsAndBytesConfig
 
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=dtype,
+                    # FSDP shards flat tensors of one dtype: 4-bit weights must sit in dtype-sized storage
+                    bnb_4bit_quant_storage=dtype if fsdp else None,
                 )
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -109,7 +114,7 @@ def load_model(cfg, backend):
             f"`model.name`: could not load {where} {name!r}: {exc}. "
             "Without internet access, download the model once and point `model.name` at its local folder."
         ) from exc
-    if backend.cuda and cfg.model.load_in_4bit:
+    if backend.cuda and cfg.model.load_in_4bit and not fsdp:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -162,13 +167,16 @@ def prepare_tokenizer(model, tokenizer, template) -> TokenizerInfo:
             pad, info.pad_added = NEW_PAD, True
         tokenizer.pad_token = pad
     info.pad_token = pad
-    old = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if model is not None:  # None: only the tokenizer is wanted, e.g. to look at data before loading weights
+        old = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > old:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     tokenizer.chat_template = template.jinja
     info.stop_token_ids = stop_token_ids(tokenizer, template)
     if not info.stop_token_ids:
         raise ValueError(f"template `{template.name}`: none of its stop tokens is a single token of this tokenizer")
+    if model is None:
+        return info
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

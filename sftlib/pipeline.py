@@ -41,6 +41,21 @@ class RunResult:
         return json.dumps(asdict(self), indent=2, default=str)
 
 
+def _is_main_process() -> bool:
+    """False only on the non-zero ranks of a multi-process (accelerate/torchrun) launch."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _silent(_: str) -> None:
+    pass
+
+
 def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, show_answers: int = 0,
         callbacks=None) -> RunResult:
     """Fine-tune as `cfg` says and save the outputs; returns a `RunResult` (also written as JSON)."""
@@ -55,6 +70,10 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
 
     cfg.validate()
     result = RunResult()
+    main = _is_main_process()
+    if not main:  # under `accelerate launch`, one process speaks, evaluates and saves
+        log = _silent
+        answer_samples = 0
     chosen = backends.choose_backend(cfg.backend)
     result.backend = chosen.name
     log(str(chosen))
@@ -87,7 +106,7 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     conversations = []
     if eval_ds is not None and answer_samples and "messages" in eval_ds.column_names:
         conversations = eval_ds.select(range(min(answer_samples, len(eval_ds))))["messages"]
-    if eval_rows is not None:
+    if eval_rows is not None and main:
         result.before = heldout_loss(model, eval_rows)
         log(f"held-out loss before: {result.before['loss']:.3f} (perplexity {result.before['perplexity']:.1f})")
     before_answers = answers(model, tokenizer, template, conversations) if conversations else []
@@ -102,6 +121,8 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     log(f"trained {outcome.steps} steps in {outcome.runtime_s:.1f}s: loss {outcome.first_loss:.3f} -> "
         f"{outcome.final_loss:.3f}, {outcome.tokens_per_s:,.0f} tokens/s, peak {outcome.peak_memory_gib:.2f} GiB")
 
+    if not main:
+        return result
     if eval_rows is not None:
         result.after = heldout_loss(model, eval_rows)
         log(f"held-out loss after: {result.after['loss']:.3f} (perplexity {result.after['perplexity']:.1f})")
