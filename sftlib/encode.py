@@ -129,12 +129,17 @@ def encode_dataset(dataset, tokenizer, template, *, train_on: str = "assistant",
     """Map a `messages` (or `text`) dataset to `input_ids`, `labels`, `truncated` columns."""
     column = "messages" if "messages" in dataset.column_names else "text"
 
-    def fn(row):
-        if column == "messages":
-            return encode_conversation(tokenizer, template, row["messages"], train_on=train_on, max_length=max_length)
-        return encode_conversation(tokenizer, template, text=row["text"], max_length=max_length)
+    def fn(row, index):
+        try:
+            if column == "messages":
+                return encode_conversation(tokenizer, template, row["messages"], train_on=train_on,
+                                           max_length=max_length)
+            return encode_conversation(tokenizer, template, text=row["text"], max_length=max_length)
+        except ValueError as exc:  # the template's or ours: say which row, keep the reason
+            raise EncodeError(f"row {index}: {exc}") from exc
 
-    return dataset.map(fn, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing")
+    return dataset.map(fn, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                       desc="Tokenizing")
 
 
 def prompt_ids(tokenizer, template, messages: list[dict]) -> list[int]:

@@ -126,3 +126,17 @@ def test_packed_conversations_do_not_see_each_other(tiny):
             # the first token of each packed conversation is never a target of the one before
             assert batch["labels"][0, offset] == IGNORE
             offset += length
+
+
+def test_a_row_the_template_cannot_express_is_named(tiny):
+    from datasets import Dataset
+
+    from sftlib.encode import encode_dataset
+
+    model, tokenizer = tiny
+    template = get_template("gemma")  # strictly alternating user/assistant
+    prepare_tokenizer(model, tokenizer, template)
+    ok = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(EncodeError, match=r"row 1: .*gemma"):
+        encode_dataset(Dataset.from_dict({"messages": [ok, bad]}), tokenizer, template)
