@@ -4,19 +4,23 @@
     python -m sftlib train --config run.yaml               # a run from a YAML (or JSON) config
     python -m sftlib train --preset colab-t4 --set lora.r=32 --set train.max_steps=60
     python -m sftlib config --preset article               # print a resolved config as YAML
+    python -m sftlib export --config run.yaml --adapter model/lora   # merge + GGUF + Modelfile, verified
+    python -m sftlib preflight --config run.yaml --gpu T4  # checks without loading weights; exit 1 if fatal
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _config(args):
     from sftlib.config import RunConfig
 
     if args.config:
-        cfg = RunConfig.from_yaml(args.config)
+        load = RunConfig.from_json if args.config.lower().endswith(".json") else RunConfig.from_yaml
+        cfg = load(args.config)
     else:
         cfg = RunConfig.preset(args.preset) if args.preset else RunConfig()
     overrides = {}
@@ -45,6 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p_train)
     p_cfg = sub.add_parser("config", help="print the resolved config as YAML (and check it)")
     _add_config_args(p_cfg)
+    p_pre = sub.add_parser("preflight", help="check data, loss mask, tokenizer and memory without loading the "
+                                             "weights; exit status 1 on a fatal finding")
+    _add_config_args(p_pre)
+    p_pre.add_argument("--gpu", help="GPU to check the memory against: T4, A100, H100 or a size in GiB "
+                                     "(default: the preset's GPU, or the one in this machine)")
+    p_pre.add_argument("--rows", type=int, default=2000, help="rows to check (a seeded sample; default 2000)")
+    p_export = sub.add_parser("export", help="merge saved adapters, write verified GGUF files and an Ollama Modelfile")
+    _add_config_args(p_export)
+    p_export.add_argument("--adapter", required=True, help="folder of the saved LoRA adapters (`train` writes OUT/lora)")
+    p_export.add_argument("--out", help="folder to write to (default: export.output_dir)")
+    p_export.add_argument("--pre-tokenizer", help="llama.cpp pre-tokenizer for a BPE tokenizer the converter does "
+                                                  "not know, e.g. llama-bpe, or `auto` to read it from tokenizer.json")
+    p_export.add_argument("--no-verify", action="store_true", help="skip running each GGUF in llama.cpp (not advised)")
     if argv[:1] == ["demo"]:
         from sftlib.demo import main as demo_main
 
@@ -61,7 +78,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(cfg.to_yaml(), end="")
         return 0
+    from sftlib.hub import redact, redact_logging
     from sftlib.pipeline import run
 
-    run(cfg)
+    redact_logging()
+    try:
+        if args.command == "preflight":
+            from sftlib.preflight import preflight_from_config
+
+            gpu = float(args.gpu) if args.gpu and args.gpu.replace(".", "", 1).isdigit() else args.gpu
+            report = preflight_from_config(cfg, gpu=gpu, sample=args.rows)
+            print(redact(report.to_ansi() if sys.stdout.isatty() else report.to_text()))
+            return 1 if report.fatal else 0
+        if args.command == "export":
+            from sftlib.gguf import export_from_config
+
+            export_from_config(cfg, args.adapter, out=args.out, pre_tokenizer=args.pre_tokenizer,
+                               verify=not args.no_verify, log=lambda line: print(redact(line)))
+        else:
+            run(cfg, log=lambda line: print(redact(line)))
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
+        # sftlib's own errors already say what is wrong and what to do: no traceback through the dependencies
+        print(f"error: {redact(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _user_error(exc: BaseException) -> bool:
+    """An error class of sftlib's own, or a ValueError that sftlib's code raised: a problem with the input."""
+    if type(exc).__module__.startswith("sftlib."):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).resolve().parent
+    return isinstance(exc, ValueError) and tb is not None and \
+        Path(tb.tb_frame.f_code.co_filename).resolve().parent == package

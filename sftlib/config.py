@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,7 +52,8 @@ OPTIMIZERS = (
     "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
     "stable_adamw",
 )
-GRADIENT_CHECKPOINTING = ("unsloth", "true", "false")
+GRADIENT_CHECKPOINTING = ("unsloth", "true", "false", "auto")
+PREFLIGHT = ("stop", "warn", "off")
 EXPORT_FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 # llama.cpp quantization types, in the lower case that Unsloth's `quantization_method` takes.
 GGUF_QUANTIZATIONS = (
@@ -72,6 +74,9 @@ _KEY_ALIASES = {
     "model_name": "model.name", "max_seq_len": "model.max_seq_length", "dataset": "data.source",
     "dataset_name": "data.source", "save_method": "export.formats", "quantization_method": "export.gguf_quantizations",
 }
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # the shape of Hugging Face access tokens
+_TOKEN_ADVICE = ("`{key}` holds what looks like a Hugging Face token; never put a token in a config (configs are "
+                 "saved and shared): set the HF_TOKEN environment variable or a Colab secret named HF_TOKEN instead")
 _VALUE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
@@ -152,12 +157,20 @@ class TrainConfig:
     seed: int = _field(0, "Seed for adapter initialisation and data order.")
     packing: bool = _field(True, "Pack several short rows into each max_seq_length sequence.")
     gradient_checkpointing: str = _field(
-        "unsloth", "Recompute activations to save memory: `unsloth` (offloaded, Unsloth only), `true` or `false`.",
+        "unsloth", "Recompute activations to save memory: `unsloth` (offloaded, Unsloth only), `true`, `false`, "
+        "or `auto`: off when the batch fits the free GPU memory without it (see sftlib.autotune).",
         choices=GRADIENT_CHECKPOINTING)
+    auto_batch: bool = _field(False, "Split the effective batch (batch_size x grad_accum) into the micro-batch "
+                              "that fits the free GPU memory best (see sftlib.autotune); needs a CUDA GPU.")
     logging_steps: int = _field(1, "Log loss and learning rate every N steps.")
     output_dir: str = _field("outputs", "Folder for checkpoints and training logs.")
     save_steps: int = _field(0, "Save a checkpoint every N steps; 0 = no intermediate checkpoints.")
+    resume: str = _field("auto", "Continue from a checkpoint in `output_dir`: `auto` = the newest complete one "
+                         "saved with the same settings (none: start fresh), `never` = start over, or a checkpoint "
+                         "folder's path.")
     report_to: str = _field("none", "Experiment tracker(s) for transformers, e.g. `wandb`, `tensorboard`; `none`.")
+    preflight: str = _field("stop", "Pre-flight checks before training (sftlib.preflight): `stop` on a fatal finding, "
+                            "`warn` = report and train anyway, `off` = skip them.", choices=PREFLIGHT)
 
 
 @dataclass
@@ -186,7 +199,8 @@ class ConfigError(ValueError):
     """Every problem found in a config, one per line; `.problems` holds them as a list."""
 
     def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        problems = [problems] if isinstance(problems, str) else list(problems)
+        self.problems = [_TOKEN_RE.sub("hf_***", p) for p in problems]  # errors get printed: never echo a token
         count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
         super().__init__(f"{count} in the run config:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
@@ -198,6 +212,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.batch_size": 2, "train.grad_accum": 8, "train.gradient_checkpointing": "unsloth",
     },
     "colab-a100": {"model.dtype": "bfloat16", "train.batch_size": 8, "train.grad_accum": 2},
+    "gpu-auto": {  # any CUDA GPU: checkpointing and micro-batch chosen from free memory, effective batch 16
+        "model.dtype": "bfloat16", "train.gradient_checkpointing": "auto", "train.auto_batch": True,
+    },
     "h100": {  # 80 GB: the whole effective batch in one step; keep offloaded checkpointing for 2048 tokens
         "model.dtype": "bfloat16", "train.batch_size": 16, "train.grad_accum": 1,
         "train.gradient_checkpointing": "unsloth",
@@ -205,6 +222,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": {  # the bundled tiny model and data: trains in minutes on a laptop CPU
         "model.name": "demo", "model.load_in_4bit": False, "model.dtype": "float32", "model.max_seq_length": 256,
         "model.chat_template": "chatml", "lora.r": 16, "lora.alpha": 16,
+        # the demo base has random weights: LoRA alone has little to adapt, so its embeddings and
+        # head are trained whole (affordable at 0.4 M parameters) and it learns in seconds
+        "lora.train_embeddings": "always",
         "train.batch_size": 8, "train.grad_accum": 1, "train.optim": "adamw_torch",
         "train.gradient_checkpointing": "false", "train.learning_rate": 2e-3, "train.epochs": 3,
         "train.warmup_steps": 10, "train.logging_steps": 10, "train.output_dir": "outputs/demo",
@@ -217,6 +237,7 @@ PRESET_HELP = {
     "colab-t4": "Free Colab T4 (16 GB, float16): batch 2 x 8.",
     "colab-a100": "Colab A100 40 GB (bfloat16): batch 8 x 2, as in the article.",
     "h100": "H100 80 GB (bfloat16): batch 16 x 1.",
+    "gpu-auto": "Any bfloat16 GPU: checkpointing and micro-batch chosen from free memory (batch 8 x 2 on 40 GiB+).",
     "cpu-demo": "Tiny bundled model and data on CPU; for trying the pipeline, not for quality.",
 }
 
@@ -261,6 +282,8 @@ class RunConfig:
             f = _FIELDS.get(key)
             if f is None:
                 problems.append(_unknown_key(key))
+                if isinstance(value, str) and _TOKEN_RE.search(value):
+                    problems.append(_TOKEN_ADVICE.format(key=key))
                 continue
             choices = f.metadata.get("choices", ())
             if isinstance(value, bool) and "true" in choices:  # YAML reads `gradient_checkpointing: false` as a bool
@@ -287,22 +310,29 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path_or_text: str | os.PathLike, *, validate: bool = True) -> "RunConfig":
         """Load a YAML file (a path) or YAML text; missing keys keep their defaults."""
-        text = _read_path_or_text(path_or_text, (".yaml", ".yml"))
+        text, where = _read_path_or_text(path_or_text, (".yaml", ".yml"))
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"the YAML does not parse: {e}") from None
-        return cls.from_dict(d or {}, validate=validate, source="file")
+            raise ConfigError(f"{where}the YAML does not parse: {_yaml_problem(e)}") from None
+        return cls._from_file(d or {}, where, validate)
 
     @classmethod
     def from_json(cls, path_or_text: str | os.PathLike, *, validate: bool = True) -> "RunConfig":
         """Load a JSON file (a path) or JSON text; missing keys keep their defaults."""
-        text = _read_path_or_text(path_or_text, (".json",))
+        text, where = _read_path_or_text(path_or_text, (".json",))
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"the JSON does not parse: {e}") from None
-        return cls.from_dict(d, validate=validate, source="file")
+            raise ConfigError(f"{where}the JSON does not parse: {e}") from None
+        return cls._from_file(d, where, validate)
+
+    @classmethod
+    def _from_file(cls, d: Any, where: str, validate: bool) -> "RunConfig":
+        try:
+            return cls.from_dict(d, validate=validate, source="file")
+        except ConfigError as e:  # say which file each problem is in
+            raise ConfigError([where + p for p in e.problems]) from None
 
     # ---- writing ----------------------------------------------------------------------------------
 
@@ -414,6 +444,7 @@ class RunConfig:
         need(t.logging_steps >= 1, f"`train.logging_steps` must be >= 1, got {t.logging_steps}")
         need(t.save_steps >= 0, f"`train.save_steps` must be >= 0 (0 = no intermediate checkpoints), got {t.save_steps}")
         need(t.output_dir.strip() != "", "`train.output_dir` is empty; give a folder such as `outputs`")
+        need(t.resume.strip() != "", "`train.resume` is empty; use `auto`, `never` or a checkpoint folder's path")
         need(t.report_to.strip() != "", "`train.report_to` is empty; use `none` to log to the console only")
 
         need(e.output_dir.strip() != "", "`export.output_dir` is empty; give a folder such as `model`")
@@ -421,6 +452,11 @@ class RunConfig:
         _no_duplicates(p, "export.gguf_quantizations", e.gguf_quantizations)
         need("gguf" not in e.formats or len(e.gguf_quantizations) > 0,
              "`export.formats` includes `gguf` but `export.gguf_quantizations` is empty; add e.g. q4_k_m")
+        for key in _FIELDS:  # a config is saved and shared: a token in it would leak
+            values = _get(self, key)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and _TOKEN_RE.search(value):
+                    p.append(_TOKEN_ADVICE.format(key=key))
         if e.push_to_hub and not e.hub_repo:
             p.append("`export.push_to_hub` is true but `export.hub_repo` is empty; set it to `owner/name`")
         elif e.hub_repo and (e.hub_repo.count("/") != 1 or "" in e.hub_repo.split("/")):
@@ -512,14 +548,28 @@ def _template_names() -> tuple[str, ...]:
     return tuple(TEMPLATE_NAMES)
 
 
-def _read_path_or_text(path_or_text: str | os.PathLike, suffixes: tuple[str, ...]) -> str:
+def _read_path_or_text(path_or_text: str | os.PathLike, suffixes: tuple[str, ...]) -> tuple[str, str]:
+    """(text, "`file`: " to put in front of each problem, or "" for text given directly)."""
     if isinstance(path_or_text, os.PathLike) or (
             "\n" not in path_or_text and (os.path.isfile(path_or_text) or path_or_text.endswith(suffixes))):
         path = Path(path_or_text)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        return path.read_text(encoding="utf-8")
-    return path_or_text
+        try:
+            return path.read_text(encoding="utf-8"), f"`{path}`: "
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"`{path}` is not UTF-8 text (byte {e.start}); save the config as UTF-8 YAML or JSON") \
+                from None
+    return path_or_text, ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message in one line, with the line and column (1-based) and the usual cause of a tab error."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if "'\\t'" in what:
+        what += " (YAML indents with spaces, never tabs)"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
 
 
 class _YamlDumper(yaml.SafeDumper):

@@ -222,11 +222,95 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
             f"`data.split` = `{split}`: a single file has one split, `train`; slice it instead, e.g. `train[:90%]`, "
             "or give a folder holding train/test files"
         )
+    problem = _utf8_problem(path) if builder in ("json", "csv") else None
+    if problem:
+        raise DataError(f"`{path}` could not be read as {_FILE_KINDS[builder]}: {problem}")
     kwargs = _csv_kwargs(path) if builder == "csv" else {}
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split=split, **kwargs)
+        ds = datasets.load_dataset(builder, data_files=str(path), split=split, **kwargs)
     except Exception as e:
-        raise _read_error(f"`{path}`", builder, split, e) from e
+        raise _read_error(f"`{path}`", builder, split, e, path) from e
+    problem = _json_shape_problem(path) if builder == "json" else None
+    if problem:
+        raise DataError(f"`{path}` could not be read as {_FILE_KINDS[builder]}: {problem}")
+    return ds
+
+
+def _utf8_problem(path: Path) -> str | None:
+    """Arrow reads invalid UTF-8 without complaint and fails much later, deep in a row check: find it first."""
+    import codecs
+
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line += chunk.count(b"\n", 0, max(e.start, 0))
+                bad = chunk[e.start:e.start + 1].hex() if e.start < len(chunk) else "?"
+                return (f"line {line} is not valid UTF-8 (byte 0x{bad}); re-save the file as UTF-8, e.g. "
+                        f"`iconv -f latin1 -t utf-8 in > out`")
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"ends inside a UTF-8 character (line {line}): the file is cut off or not UTF-8"
+    return None
+
+
+def _json_shape_problem(path: Path) -> str | None:
+    """JSON that parses but is not rows of objects (a list of strings would silently become a `text` column)."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith("["):
+        head = head[1:].lstrip()
+        if not head or head[0] in "{]":
+            return None
+        kind = "value"
+    elif not head or head[0] == "{":
+        return None
+    else:
+        kind = "line"
+    if head[0] == '"':
+        what = "a string"
+    elif head[0] == "[":
+        what = "a list"
+    elif head.startswith(("null", "true", "false")) or head[0] in "-0123456789":
+        what = "null, a number or true/false"
+    else:
+        return None  # not JSON at all: the parser says where
+    return (f"row 0 is {what}, not an object: each row (each {kind}) must be an object with named fields, "
+            'e.g. {"messages": [...]}, {"conversations": [...]} or {"text": "..."}')
+
+
+def _json_location(path: Path) -> str | None:
+    """Where a JSON or JSON Lines file stops parsing, with Python's exact message: `line 3, column 52: ...`."""
+    import json
+
+    if path.stat().st_size > 1 << 30:  # too big to parse a second time just for the message
+        return None
+    text = path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return None  # one JSON document: the reader failed for a reason parsing does not show
+    except json.JSONDecodeError as whole:
+        if text.lstrip().startswith("["):
+            return _located(whole, text)
+    for number, line in enumerate(text.splitlines(), 1):  # JSON Lines: one document per line
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                last = number == len(text.splitlines())
+                cut = "; the file ends inside this row: was it cut off while being written?" \
+                    if last and not text.endswith("\n") else ""
+                return f"line {number}, column {e.colno}: {e.msg} (row {number - 1}){cut}"
+    return None
+
+
+def _located(e, text: str) -> str:
+    cut = "; the file ends early: was it cut off while being written?" if not text.rstrip().endswith("]") else ""
+    return f"line {e.lineno}, column {e.colno}: {e.msg}{cut}"
 
 
 def _load_folder(path: Path, split: str) -> datasets.Dataset:
@@ -248,6 +332,10 @@ def _load_folder(path: Path, split: str) -> datasets.Dataset:
     if all(_is_blank(p) for p in files):
         raise DataError(f"every data file in folder `{path}` is empty")
     builder = builders.pop()
+    for file in files if builder in ("json", "csv") else []:
+        problem = _utf8_problem(file)
+        if problem:
+            raise DataError(f"`{file}` could not be read as {_FILE_KINDS[builder]}: {problem}")
     kwargs = _csv_kwargs(files[0]) if builder == "csv" else {}
     try:
         return datasets.load_dataset(builder, data_dir=str(path), split=split, **kwargs)
@@ -267,8 +355,12 @@ def _cause(e: BaseException) -> str:
     return "; ".join(seen) or type(e).__name__
 
 
-def _read_error(where: str, builder: str, split: str, e: Exception) -> DataError:
+def _read_error(where: str, builder: str, split: str, e: Exception, path: Path | None = None) -> DataError:
     text = str(e)
+    if builder == "json" and path is not None:
+        location = _json_location(path) or _json_shape_problem(path)
+        if location:
+            return DataError(f"{where} could not be read as {_FILE_KINDS[builder]}: {location}")
     if "corresponds to no data" in text:
         if split == _split_name(split):
             return DataError(f"{where} has no rows")
@@ -395,10 +487,12 @@ def detect_format(rows: Any, mapping: Mapping | None = None) -> str:
         return found[0]
     keys = ", ".join(f"`{k}`" for k in _present(row)) or "none with a value"
     if not found:
+        note = (" (`chosen`/`rejected` look like preference (DPO) data; supervised fine-tuning needs whole "
+                "conversations that end with the assistant's reply)" if {"chosen", "rejected"} <= set(row) else "")
         raise DataError(
-            f"cannot tell the data format from row 0, whose keys are {keys}. Expected `conversations` (sharegpt), "
-            "`messages` (openai), `instruction` + `output` (alpaca) or `text` (text). Set `data.format` to one of "
-            f"{', '.join(FORMATS)} and, if the names differ, `data.mapping`, e.g. "
+            f"cannot tell the data format from row 0, whose keys are {keys}{note}. Expected `conversations` "
+            "(sharegpt), `messages` (openai), `instruction` + `output` (alpaca) or `text` (text). Set `data.format` "
+            f"to one of {', '.join(FORMATS)} and, if the names differ, `data.mapping`, e.g. "
             '{"messages": "dialog", "role": "speaker", "content": "text"}'
         )
     raise DataError(
@@ -514,7 +608,8 @@ def _row_problem(row: Mapping, lay: _Layout, custom: dict[str, str], unknown: se
     if turns is None:
         return f"`{col}` is missing"
     if not isinstance(turns, list):
-        hint = "; a CSV cell holds only text: store conversations as JSON Lines or parquet" if isinstance(turns, str) else ""
+        hint = ("; a CSV cell holds only text: store conversations as JSON Lines or parquet, each a list of "
+                f"objects with `{lay.role_keys[0]}` and `{lay.content_keys[0]}`" if isinstance(turns, str) else "")
         return f"`{col}` must be a list of turns, got {type(turns).__name__}{hint}"
     if not turns:
         return f"`{col}` is an empty list: drop the row"
@@ -530,11 +625,13 @@ def _row_problem(row: Mapping, lay: _Layout, custom: dict[str, str], unknown: se
         name, role_key = _pick(turn, lay.role_keys)
         if name is None:
             return f"{where} has no `{role_key}`: name the key that holds the role with `data.mapping.role`"
+        if not isinstance(name, str):
+            return f"`{col}[{j}].{role_key}` must be a role name (text), got {type(name).__name__}"
         role = _role_of(name, custom)
         if role is None:
             if unknown is not None:  # every unknown name in the row, for the advice under the list
                 unknown.update(n for n in (_pick(t, lay.role_keys)[0] for t in turns if isinstance(t, Mapping))
-                               if n is not None and _role_of(n, custom) is None)
+                               if isinstance(n, str) and _role_of(n, custom) is None)
             return f"`{col}[{j}].{role_key}` is {name!r}, not a known role"
         content, content_key = _pick(turn, lay.content_keys)
         problem = _text_problem(content, f"`{col}[{j}].{content_key}`")

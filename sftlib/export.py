@@ -6,16 +6,76 @@
     model, tokenizer = load_adapters(cfg.model.name, "model/lora")    # base + adapters again
 
 Every folder is written under a temporary name and renamed when complete, so an interrupted save
-never leaves a folder that looks finished. The merge reloads the base in 16-bit from `model.name`
-rather than merging into the training model, which may be 4-bit and would lose precision.
+never leaves a folder that looks finished; the next save clears what a killed one left behind (and
+puts back the previous complete folder if the kill came between the two renames). Free disk space is
+checked against an estimate before each write, so a full disk fails at once with the sizes, not
+halfway through a multi-gigabyte file. Weights load as safetensors only. The merge reloads the base
+in 16-bit from `model.name` rather than merging into the training model, which may be 4-bit and
+would lose precision.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 from pathlib import Path
+
+
+MARGIN_BYTES = 64 * 1024 ** 2  # tokenizer files, configs, and the file system's own rounding
+
+
+class DiskSpaceError(OSError):
+    """Not enough free disk space for a write; the message gives both sizes and the folder."""
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_free_space(folder: str | Path, needed_bytes: int, what: str, setting: str = "export.output_dir") -> None:
+    """Raise DiskSpaceError unless the disk holding `folder` has `needed_bytes` (+ a margin) free."""
+    probe = Path(folder).absolute()
+    while not probe.exists():  # the folder may not exist yet: ask about the disk it will be made on
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    needed = int(needed_bytes) + MARGIN_BYTES
+    if free < needed:
+        raise DiskSpaceError(
+            f"not enough disk space for {what} in `{folder}`: it needs about {_gb(needed)}, and only {_gb(free)} "
+            f"is free there; free some space or point `{setting}` at a bigger disk (in Colab, a Google Drive folder)"
+        )
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes the tensors take on disk; shared storage (tied embeddings) counted once."""
+    unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _clear_leftovers(target: Path) -> None:
+    """Remove what a killed save of `target` left: its temporary folder, and restore the previous
+    complete folder when the kill came after moving it aside and before the new one took its place."""
+    for kind in ("tmp", "old"):
+        for stale in sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*")):
+            pid = stale.name.rpartition("-")[2]
+            if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+                continue  # another live process is writing it
+            if kind == "old" and not target.exists():
+                stale.rename(target)
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -23,6 +83,7 @@ def atomic_dir(target: str | Path):
     """Yield a temporary folder beside `target`; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -40,6 +101,8 @@ def atomic_dir(target: str | Path):
 
 def save_adapters(model, tokenizer, folder: str | Path) -> Path:
     """LoRA adapters (and trained embeddings, when tokens were added) plus the fitted tokenizer."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    check_free_space(folder, tensor_bytes(trained), "the LoRA adapters")
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -63,7 +126,7 @@ def load_adapters(base_name: str, adapter_folder: str | Path, *, dtype: str = "f
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_folder)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_name(base_name), dtype=_dtype(dtype),
-                                                device_map={"": device})
+                                                device_map={"": device}, use_safetensors=True)
     if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
     if (Path(adapter_folder) / "generation_config.json").exists():
@@ -77,6 +140,7 @@ def save_merged(base_name: str, adapter_folder: str | Path, folder: str | Path, 
     """Merge the adapters into a fresh `dtype` copy of the base and save it with the tokenizer."""
     model, tokenizer = load_adapters(base_name, adapter_folder, dtype=dtype)
     merged = model.merge_and_unload()
+    check_free_space(folder, tensor_bytes(merged.state_dict().values()), f"the merged {dtype} model")
     with atomic_dir(folder) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -3,7 +3,7 @@
     from sftlib.model import load_model, prepare_tokenizer, add_lora
     model, tokenizer = load_model(cfg, backend)             # a Hub name or a local folder, same path
     info = prepare_tokenizer(model, tokenizer, template)     # adds missing special tokens, a real pad token
-    model = add_lora(model, cfg, backend, train_embeddings=info.added_tokens > 0)
+    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens), new_token_ids=info.added_token_ids)
 
 `model.name: demo` is the embedded demo model: a tiny Llama built offline into the cache folder and
 then loaded with `from_pretrained` like any other folder.
@@ -58,12 +58,21 @@ def _torch_dtype(name: str, backend):
 def _check_folder(path: Path) -> None:
     if not path.is_dir():
         return
-    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")]
     if not (path / "config.json").exists():
         raise ModelLoadError(f"`model.name`: folder {path} has no config.json; point it at a saved model folder")
     if not weights:
         raise ModelLoadError(
             f"`model.name`: folder {path} has no weight files (*.safetensors); save the model there first"
+        )
+    if not any(p.suffix == ".safetensors" for p in weights):
+        # .bin/.pt files are pickles, which can run code when loaded; sftlib loads safetensors only.
+        names = ", ".join(sorted(p.name for p in weights)[:3])
+        raise ModelLoadError(
+            f"`model.name`: folder {path} has weights only as {names}, not safetensors; sftlib loads safetensors "
+            "only, because pickled weights can run code. If you trust the file, convert it once: `python -c \"from "
+            f"transformers import AutoModelForCausalLM as M; M.from_pretrained('{path}', use_safetensors=False)"
+            f".save_pretrained('{path}-safetensors')\"` (then copy the tokenizer files) and point `model.name` there"
         )
 
 
@@ -105,14 +114,29 @@ def load_model(cfg, backend):
                     bnb_4bit_quant_storage=dtype if fsdp else None,
                 )
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
     except ModelLoadError:
         raise
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelLoadError(
+            f"`model.name`: {name!r} ships its own Python code, which sftlib runs only when "
+            "`model.trust_remote_code: true`; turn that on only if you trust the code (read the .py files there)"
+        ) from exc
     except OSError as exc:
         where = "folder" if local.exists() else "Hub model"
         raise ModelLoadError(
             f"`model.name`: could not load {where} {name!r}: {exc}. "
             "Without internet access, download the model once and point `model.name` at its local folder."
+        ) from exc
+    except Exception as exc:
+        if not local.is_dir() or type(exc).__module__.split(".")[0] not in ("safetensors", "json", "pickle", "_pickle"):
+            raise
+        # A damaged file in a local folder (cut-off download, disk full while saving): say which folder.
+        raise ModelLoadError(
+            f"`model.name`: folder {name!r} holds a damaged file ({type(exc).__name__}: {exc}); download or save "
+            "the model again"
         ) from exc
     if backend.cuda and cfg.model.load_in_4bit and not fsdp:
         from peft import prepare_model_for_kbit_training
@@ -127,6 +151,7 @@ class TokenizerInfo:
     pad_token: str = ""
     pad_added: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    added_token_ids: list[int] = field(default_factory=list)  # rows that start untrained: train them
 
     @property
     def resized(self) -> bool:
@@ -157,6 +182,7 @@ def prepare_tokenizer(model, tokenizer, template) -> TokenizerInfo:
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
         info.added_tokens = missing
+        info.added_token_ids = tokenizer.convert_tokens_to_ids(missing)
     eot = template.end_of_turn.replace("{eos}", tokenizer.eos_token or "")
     pad = tokenizer.pad_token
     if pad is None or pad in (tokenizer.eos_token, eot):
@@ -170,11 +196,23 @@ def prepare_tokenizer(model, tokenizer, template) -> TokenizerInfo:
     if model is not None:  # None: only the tokenizer is wanted, e.g. to look at data before loading weights
         old = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > old:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+            import torch
+
+            # mean_resizing draws the new rows from torch's global generator, whose start differs per process:
+            # a fixed private seed makes the same run give the same weights (and a resumed run match)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     tokenizer.chat_template = template.jinja
     info.stop_token_ids = stop_token_ids(tokenizer, template)
     if not info.stop_token_ids:
-        raise ValueError(f"template `{template.name}`: none of its stop tokens is a single token of this tokenizer")
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ModelLoadError(
+            f"`model.chat_template` = `{template.name}` stops generation at {', '.join(template.stop_tokens)} "
+            f"({'{eos}'} = the tokenizer's eos_token, here {tokenizer.eos_token!r}), and none of them is one token of "
+            f"the tokenizer of `model.name` ({where}); set `eos_token` in its tokenizer_config.json, or pick a "
+            "template with its own end-of-turn token, e.g. chatml"
+        )
     if model is None:
         return info
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -194,10 +232,17 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def add_lora(model, cfg, backend, *, train_embeddings: bool = False):
+def add_lora(model, cfg, backend, *, train_embeddings: bool = False, new_token_ids: list[int] | None = None):
     """Wrap `model` with LoRA adapters as `cfg.lora` says; embeddings and LM head are trained too
-    when `train_embeddings` (new tokens need trained rows, or the model can never emit them)."""
+    when `train_embeddings` (new tokens need trained rows, or the model can never emit them).
+
+    With `lora.train_embeddings: auto` and the ids of the added tokens, only those rows of the
+    embeddings and LM head are trained (PEFT's trainable tokens): a few KiB of state instead of two
+    full copies of 128k x 4096 matrices with their optimizer states, about 10 GiB for Llama 3.1 8B,
+    which would not fit a T4. `always` trains both matrices whole; Unsloth always does.
+    """
     lora = cfg.lora
+    rows_only = lora.train_embeddings == "auto" and bool(new_token_ids) and backend.name != "unsloth"
     if lora.train_embeddings == "always":
         train_embeddings = True
     elif lora.train_embeddings == "never":
@@ -211,27 +256,44 @@ def add_lora(model, cfg, backend, *, train_embeddings: bool = False):
             f"{linear_module_names(model)}"
         )
     saved = ["embed_tokens", "lm_head"] if train_embeddings else None
+    plan = None
+    if cfg.train.gradient_checkpointing == "auto" or cfg.train.auto_batch:
+        from sftlib import autotune  # decided here: Unsloth sets checkpointing up when it adds LoRA
+
+        plan = autotune.plan_for_model(cfg, model, backend)
+        autotune.apply(cfg, plan)
     gc = cfg.train.gradient_checkpointing
     if backend.name == "unsloth":
         from unsloth import FastLanguageModel
 
         targets = list(lora.target_modules) + (saved or [])
-        return FastLanguageModel.get_peft_model(
+        model = FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=targets, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             bias=lora.bias, use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[gc],
             random_state=cfg.train.seed, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
         )
+        model.sftlib_plan = plan
+        return model
     from peft import LoraConfig, get_peft_model
 
     if gc in ("true", "unsloth"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    token_rows = None
+    if rows_only and train_embeddings:
+        ids = sorted(set(new_token_ids))
+        token_rows = {"embed_tokens": ids}
+        if not getattr(model.config, "tie_word_embeddings", False):
+            token_rows["lm_head"] = ids  # an untied head needs its own rows to ever predict the new tokens
+        saved = None
     peft_cfg = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
         bias=lora.bias, use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM",
-        modules_to_save=saved,
+        modules_to_save=saved, trainable_token_indices=token_rows,
     )
     import torch
 
     torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are random: same seed, same start
-    return get_peft_model(model, peft_cfg)
+    model = get_peft_model(model, peft_cfg)
+    model.sftlib_plan = plan  # the memory plan when `auto` chose the settings, else None
+    return model
