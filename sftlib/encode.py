@@ -107,10 +107,7 @@ def encode_conversation(
         if train_on == "all":
             labels = list(ids)
         else:
-            labels = [
-                tok if any(s < span_end and e > span_start for span_start, span_end in spans) else IGNORE
-                for tok, (s, e) in zip(ids, enc["offset_mapping"])
-            ]
+            labels = _mask(ids, enc["offset_mapping"], spans)
         prefix = bos_prefix(tokenizer, template)
         ids = prefix + ids
         labels = [IGNORE] * len(prefix) + labels if train_on != "all" else prefix + labels
@@ -118,6 +115,21 @@ def encode_conversation(
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+
+def _mask(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """Labels: a token is trained when its characters overlap a span. Offsets and spans both run left
+    to right, so one pass with a pointer into the spans does it (this loop is the hot path of encoding)."""
+    labels = [IGNORE] * len(ids)
+    k, n = 0, len(spans)
+    for i, (s, e) in enumerate(offsets):
+        while k < n and spans[k][1] <= s:
+            k += 1
+        if k == n:
+            break
+        if e > spans[k][0] and s < spans[k][1]:
+            labels[i] = ids[i]
+    return labels
 
 
 class _NoTemplate:

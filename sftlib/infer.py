@@ -51,6 +51,24 @@ class _Printer:
         self.out.flush()
 
 
+def autocast_for(model):
+    """Mixed precision for inference on a GPU, as in training: a 4-bit model keeps its norms in float32
+    (PEFT upcasts them) while trained embedding copies stay 16-bit, and plain matmuls would refuse to mix
+    them. On the CPU nothing changes."""
+    import contextlib
+
+    import torch
+
+    if model.device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
 def chat(model, tokenizer, template, messages: list[dict], *, max_new_tokens: int = 256, stream: bool = False,
          temperature: float = 0.0, stop_ids: list[int] | None = None, out=None) -> Reply:
     """Generate the assistant's reply to `messages` (greedy unless `temperature` > 0)."""
@@ -64,7 +82,7 @@ def chat(model, tokenizer, template, messages: list[dict], *, max_new_tokens: in
     streamer = _Printer(tokenizer, stop_ids, out) if stream else None
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast_for(model):
         output = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

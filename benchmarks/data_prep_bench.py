@@ -1,0 +1,202 @@
+"""Data preparation speed on the CPU: the article's path vs sftlib's, same conversations, same tokens out.
+
+    python benchmarks/data_prep_bench.py                       # 100,000 conversations, 2 processes
+    python benchmarks/data_prep_bench.py --rows 5000 --num-proc 2 --out /tmp/r
+
+Data: synthetic FineTome-like ShareGPT conversations (fixed seed): an optional system turn, then 1-3
+human/gpt exchanges, English-like words with lognormal turn lengths, about 600 Llama-3 tokens per
+conversation on average.
+
+Tokenizer: the real Llama 3 tokenizer, built offline from `shared/fixtures/tokenizers/llama3_tokenizer.model`
+beside the checkout with transformers' TikTokenConverter (Llama 3's pre-tokenizer pattern and its 256
+special tokens). Where that file is absent, a byte-level BPE trained on the synthetic text stands in,
+and the report says so.
+
+The two paths, each with `--num-proc` processes, ChatML, the loss on every token (as in the article):
+- article: `datasets.map` of `tokenizer.apply_chat_template(..., tokenize=False)` to a `text` column,
+  then a second `map` tokenizing the text (what TRL's SFTTrainer does with a `text` dataset);
+- sftlib: `sftlib.data.to_messages` (ShareGPT -> messages, every row checked) and
+  `sftlib.encode.encode_dataset` (render, tokenize, loss mask).
+Both token sequences are compared on every row. Results: OUT/data_prep.json and OUT/data_prep.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "tokenizers" / "llama3_tokenizer.model"
+# Llama 3's pre-tokenizer pattern (from its tokenizer.json / tiktoken setup).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+WORDS = ("the of and to in is that for it as with was on be by this are from or an at which can have not but "
+         "their more one all also has were its these other into time than only such how when may some two first "
+         "use data model energy water system between each process used many people number different function "
+         "example value form important because light change however result second within through cells growth "
+         "theory equation code python list return variable algorithm network learning temperature pressure "
+         "history culture economy market policy language country government region species protein structure "
+         "reaction solution problem answer question explain describe calculate analysis effect increase").split()
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+          "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+
+
+def _sentence(rng: random.Random, n_words: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(n_words)]
+    text, out = words[0].capitalize(), []
+    for i, w in enumerate(words[1:], 1):
+        if i % rng.randint(8, 16) == 0:
+            text += rng.choice([".", ",", ";", "?"])
+            w = w.capitalize() if text.endswith((".", "?")) else w
+        text += " " + w
+    return text + "."
+
+
+def conversations(n: int, seed: int = 0) -> list[dict]:
+    """`n` ShareGPT rows: ~600 Llama-3 tokens each on average (about 1.1 tokens per word here)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        turns = []
+        if rng.random() < 0.2:
+            turns.append({"from": "system", "value": _sentence(rng, rng.randint(8, 30))})
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            turns.append({"from": "human", "value": _sentence(rng, max(3, int(rng.lognormvariate(math.log(45), 0.8))))})
+            turns.append({"from": "gpt", "value": _sentence(rng, max(3, int(rng.lognormvariate(math.log(200), 0.7))))})
+        rows.append({"conversations": turns})
+    return rows
+
+
+def llama3_tokenizer():
+    """(tokenizer, description): the real Llama 3 tokenizer if the fixture is there, else a stand-in BPE."""
+    from transformers import PreTrainedTokenizerFast
+
+    if FIXTURE.is_file():
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+        specials += [f"<|reserved_special_token_{i}|>" for i in range(3, 256 - 8)]
+        class Converter(TikTokenConverter):
+            @staticmethod
+            def load_tiktoken_bpe(path: str) -> dict[bytes, int]:  # the file format, without needing tiktoken
+                import base64
+
+                lines = Path(path).read_text().split("\n")
+                return {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in lines if ln)}
+
+        tok = Converter(vocab_file=str(FIXTURE), pattern=LLAMA3_PATTERN, extra_special_tokens=specials).converted()
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", 128000)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                       eos_token="<|end_of_text|>", pad_token="<|finetune_right_pad_id|>")
+        return fast, f"Llama 3 (tiktoken BPE, {len(fast)} tokens) built offline from llama3_tokenizer.model"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_model import build_tokenizer
+
+    texts = [t["value"] for row in conversations(2000, seed=1) for t in row["conversations"]]
+    return build_tokenizer(texts, trained_vocab=8000), \
+        "stand-in byte-level BPE (8,000 merges-vocabulary, padded to 128,256): the Llama 3 tokenizer file was not found"
+
+
+def article_path(ds, tokenizer, num_proc: int):
+    """The article: ShareGPT -> ChatML text with apply_chat_template, then tokenize the text."""
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+
+    def to_text(batch):
+        texts = []
+        for convo in batch["conversations"]:
+            messages = [{"role": roles[t["from"]], "content": t["value"]} for t in convo]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        return {"text": texts}
+
+    text = ds.map(to_text, batched=True, num_proc=num_proc, remove_columns=ds.column_names)
+    return text.map(lambda b: tokenizer(b["text"]), batched=True, num_proc=num_proc, remove_columns=["text"])
+
+
+def sftlib_path(ds, tokenizer, template, num_proc: int):
+    from sftlib.data import to_messages
+    from sftlib.encode import encode_dataset
+
+    messages = to_messages(ds)
+    return encode_dataset(messages, tokenizer, template, train_on="all", max_length=None, num_proc=num_proc)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--num-proc", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    from sftlib.model import prepare_tokenizer
+    from sftlib.templates import get_template
+
+    datasets.disable_caching()  # every run computes; no cached result is reused
+    datasets.disable_progress_bars()
+    tokenizer, tok_note = llama3_tokenizer()
+    template = get_template("chatml")
+
+    class _NoModel:  # prepare_tokenizer's embedding resize needs a model; the benchmark has none
+        config = type("C", (), {"pad_token_id": None})()
+        generation_config = None
+
+        def get_input_embeddings(self):
+            return type("E", (), {"weight": type("W", (), {"shape": (10 ** 9,)})()})()
+
+    prepare_tokenizer(_NoModel(), tokenizer, template)  # ChatML tokens added as single tokens, as in training
+    tokenizer.chat_template = CHATML
+    start = time.perf_counter()
+    ds = datasets.Dataset.from_list(conversations(a.rows, a.seed))
+    made = time.perf_counter() - start
+
+    t0 = time.perf_counter()
+    art = article_path(ds, tokenizer, a.num_proc)
+    t_article = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = sftlib_path(ds, tokenizer, template, a.num_proc)
+    t_sftlib = time.perf_counter() - t0
+
+    a_ids, s_ids = art["input_ids"], ours["input_ids"]
+    same = sum(x == y for x, y in zip(a_ids, s_ids))
+    tokens = sum(len(x) for x in s_ids)
+    result = {"rows": a.rows, "num_proc": a.num_proc, "tokenizer": tok_note, "tokens": tokens,
+              "mean_tokens_per_row": tokens / a.rows, "seconds_article": round(t_article, 1),
+              "seconds_sftlib": round(t_sftlib, 1), "rows_identical": same, "seconds_make_data": round(made, 1),
+              "cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(),
+              "load_average_at_end": os.getloadavg()}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "data_prep.json").write_text(json.dumps(result, indent=2) + "\n")
+    cmd = "python benchmarks/data_prep_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = ["# Data preparation speed (CPU)", "", f"Command: `{cmd}`", "",
+          f"{a.rows:,} synthetic FineTome-like ShareGPT conversations, {tokens:,} tokens "
+          f"({tokens / a.rows:.0f} per conversation), ChatML, loss on all tokens, {a.num_proc} processes.",
+          f"Tokenizer: {tok_note}.", "",
+          "| path | seconds | rows/s |", "|---|---:|---:|",
+          f"| article: apply_chat_template to text, then tokenize (datasets.map) | {t_article:.1f} | {a.rows / t_article:,.0f} |",
+          f"| sftlib: to_messages + encode_dataset (render, tokenize, mask) | {t_sftlib:.1f} | {a.rows / t_sftlib:,.0f} |",
+          "", f"Identical token ids: {same:,} of {a.rows:,} rows.",
+          f"Machine: {os.cpu_count()} CPUs visible, load average at the end {os.getloadavg()[0]:.1f} "
+          "(shared with other jobs: times are upper bounds).", ""]
+    (a.out / "data_prep.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything the GPU host runs, in one go: the random-weight model, the benchmark, the GPU tests.
+#   usage: benchmarks/run_gpu.sh OUT [SECONDS] [RUNS]
+#   OUT: results folder; SECONDS: time budget for the whole script (default 3000); RUNS: gpu_bench.py --runs
+# Needs torch with CUDA, transformers, peft, TRL, bitsandbytes and (for two contenders) unsloth installed.
+set -uo pipefail
+out=${1:?usage: run_gpu.sh OUT [SECONDS] [RUNS]}
+budget=${2:-3000}
+runs=${3:-}
+tests=${GPU_TESTS:-1}
+start=$SECONDS
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
+left() { echo $(( budget - (SECONDS - start) )); }
+
+if [ "$tests" = 1 ]; then
+  mkdir -p /tmp/gpu-tests
+  timeout $(( $(left) - 30 )) python3 benchmarks/gpu_tests_report.py --out /tmp/gpu-tests --timeout 900
+  cp /tmp/gpu-tests/gpu_tests.md "$out/" 2>/dev/null
+  tar -czf "$out/gpu_tests.tgz" -C /tmp gpu-tests
+  echo "gpu tests done at $((SECONDS - start))s"
+fi
+
+if [ -n "$runs" ]; then
+  python3 benchmarks/make_model.py --out /tmp/llama-8b --quantize
+  echo "model ready at $((SECONDS - start))s"
+  python3 benchmarks/gpu_bench.py --model /tmp/llama-8b-bnb-4bit --out "$out/bench" --runs "$runs" \
+    --deadline $(( $(left) - 15 )) --timeout 300
+fi
+echo "all done at $((SECONDS - start))s"

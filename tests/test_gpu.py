@@ -1,0 +1,206 @@
+"""The GPU path end to end: the unsloth backend and the hf backend on a real CUDA GPU.
+
+    pytest -m gpu tests/test_gpu.py -q                 # skipped without CUDA
+    python benchmarks/gpu_tests_report.py              # runs them and writes benchmarks/results/gpu_tests.md
+
+The model is the real Llama-3.1-8B config with random weights and 2 layers instead of 32 (same
+widths, same 128,256-token vocabulary, same RoPE scaling), built by benchmarks/make_model.py; set
+SFTLIB_GPU_MODEL to a folder it wrote to use another (e.g. all 32 layers). Each backend runs in its
+own process because Unsloth patches transformers, TRL and PEFT when it is imported.
+
+Each run: load in 4-bit, fit the tokenizer to ChatML (new tokens: embeddings trained), LoRA, SFT with
+packing on the bundled demo data, held-out loss before and after, a streamed reply, adapters saved,
+a merged 16-bit model rebuilt from the 16-bit base, and a merged 4-bit model; each output is loaded
+back and checked. The scenario prints one JSON line the tests (and the report) read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.gpu
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+needs_cuda = pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+
+
+# ---- the scenario, run in a fresh process: python tests/test_gpu.py BACKEND MODEL_DIR OUT_DIR ----------
+
+
+def _logits_agree(a, b) -> float:
+    """Cosine similarity of two logit tensors, flattened (1.0 = same direction)."""
+    import torch
+
+    a, b = a.float().flatten(), b.float().flatten()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
+    import io
+    import time
+
+    from sftlib.backend import choose_backend  # first: imports Unsloth before transformers
+
+    backend = choose_backend(backend_name)
+    import torch
+
+    from sftlib.config import RunConfig
+    from sftlib.pipeline import run
+
+    out = Path(out_dir)
+    cfg = RunConfig.from_dict({
+        "backend": backend_name,
+        "model": {"name": model_dir, "max_seq_length": 512, "chat_template": "chatml", "dtype": "bfloat16"},
+        "data": {"source": "demo", "eval_size": 16, "max_rows": 400},
+        "train": {"max_steps": 30, "batch_size": 4, "grad_accum": 1, "learning_rate": 2e-3, "warmup_steps": 3,
+                  "logging_steps": 5, "gradient_checkpointing": "auto", "auto_batch": True,
+                  "output_dir": str(out / "train")},
+        "export": {"formats": ["lora", "merged_16bit"], "output_dir": str(out / "model")},
+    })
+    if hasattr(cfg.train, "resume"):
+        cfg.train.resume = "never"
+    report = {"backend": str(backend), "gpu": torch.cuda.get_device_name(0)}
+    start = time.perf_counter()
+    result = run(cfg, log=lambda s: print(s, flush=True))
+    report.update(seconds_pipeline=round(time.perf_counter() - start, 1), backend_used=result.backend,
+                  added_tokens=result.added_tokens, loss_before=result.before.get("loss"),
+                  loss_after=result.after.get("loss"), train=result.train, outputs=result.outputs,
+                  plan=str(getattr(result.model, "sftlib_plan", None)),
+                  gradient_checkpointing=cfg.train.gradient_checkpointing,
+                  batch=f"{cfg.train.batch_size} x {cfg.train.grad_accum}")
+    model, tokenizer, template = result.model, result.tokenizer, result.template_obj
+    report["four_bit_layers"] = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+
+    # streaming generation: what is printed is the reply
+    from sftlib.infer import chat
+
+    if backend_name == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    printed = io.StringIO()
+    messages = [{"role": "user", "content": "Classify the sentiment of this review: The coffee is great."}]
+    reply = chat(model, tokenizer, template, messages, max_new_tokens=24, stream=True, out=printed)
+    report["reply"] = {"text": reply.text, "stopped": reply.stopped, "new_tokens": reply.new_tokens,
+                       "printed": printed.getvalue()}
+
+    # reference logits of the trained (4-bit base + adapters) model on one prompt
+    ids = torch.tensor([tokenizer("The review is positive.")["input_ids"]], device="cuda")
+    with torch.no_grad():
+        trained_logits = model(input_ids=ids).logits.float().cpu()
+    del model, result
+    torch.cuda.empty_cache()
+
+    # the adapters and the merged 16-bit model load back in plain transformers / PEFT
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from sftlib.export import load_adapters
+
+    lora, merged16 = Path(report["outputs"]["lora"]), Path(report["outputs"]["merged_16bit"])
+    peft_model, _ = load_adapters(model_dir, lora, dtype="bfloat16", device="cuda")
+    with torch.no_grad():
+        adapter_logits = peft_model(input_ids=ids).logits.float().cpu()
+    del peft_model
+    m16 = AutoModelForCausalLM.from_pretrained(merged16, dtype=torch.bfloat16, device_map={"": 0})
+    with torch.no_grad():
+        merged_logits = m16(input_ids=ids).logits.float().cpu()
+    del m16
+    report["cos_adapters_vs_trained"] = _logits_agree(adapter_logits, trained_logits)
+    report["cos_merged16_vs_adapters"] = _logits_agree(merged_logits, adapter_logits)
+
+    # merged 4-bit: sftlib's exporter when it has one, else NF4 quantization of the merged 16-bit folder
+    from sftlib import export
+
+    merged4 = out / "model" / "merged_4bit"
+    maker = getattr(export, "save_merged_4bit", None)
+    if maker is not None:
+        maker(model_dir, lora, merged4)
+        report["merged_4bit_by"] = "sftlib.export.save_merged_4bit"
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        m4 = AutoModelForCausalLM.from_pretrained(merged16, quantization_config=q, device_map={"": 0})
+        m4.save_pretrained(merged4, safe_serialization=True)
+        AutoTokenizer.from_pretrained(merged16).save_pretrained(merged4)
+        del m4
+        report["merged_4bit_by"] = "transformers + bitsandbytes from the merged 16-bit folder (sftlib has no 4-bit exporter yet)"
+    m4 = AutoModelForCausalLM.from_pretrained(merged4, device_map={"": 0})
+    report["merged_4bit_layers"] = sum(1 for m in m4.modules() if type(m).__name__ == "Linear4bit")
+    with torch.no_grad():
+        m4_logits = m4(input_ids=ids).logits.float().cpu()
+    report["cos_merged4_vs_merged16"] = _logits_agree(m4_logits, merged_logits)
+    report["sizes_gib"] = {p.name: round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2 ** 30, 3)
+                           for p in (lora, merged16, merged4)}
+    report["seconds_total"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _run_scenario(backend: str, tmp_path: Path) -> dict:
+    model = os.environ.get("SFTLIB_GPU_MODEL")
+    if not model:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from make_model import write_model
+
+        model = str(write_model(Path(os.environ.get("SFTLIB_GPU_MODEL_CACHE", tmp_path / "llama-2l")), layers=2))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, __file__, backend, model, str(tmp_path / backend)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    log = proc.stdout + proc.stderr
+    report_dir = os.environ.get("SFTLIB_GPU_REPORT_DIR")
+    if report_dir:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        (Path(report_dir) / f"gpu-{backend}.log").write_text(log[-100_000:])
+    rows = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and rows, f"the {backend} scenario failed:\n{log[-6000:]}"
+    report = json.loads(rows[-1])
+    if report_dir:
+        (Path(report_dir) / f"gpu-{backend}.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _check(report: dict, backend: str) -> None:
+    assert report["backend_used"] == backend
+    assert report["four_bit_layers"] > 0, "the base was not loaded in 4-bit"
+    assert report["added_tokens"], "ChatML tokens should have been added to the Llama 3 vocabulary"
+    assert report["loss_after"] < report["loss_before"] - 0.5, (report["loss_before"], report["loss_after"])
+    assert report["train"]["steps"] == 30
+    reply = report["reply"]
+    assert reply["new_tokens"] > 0
+    assert reply["printed"].strip() == reply["text"].strip(), "the streamed text differs from the reply"
+    # the trained model has a 4-bit base, the reloaded one a 16-bit base: close, not equal
+    assert report["cos_adapters_vs_trained"] > 0.95, "reloaded adapters do not reproduce the trained model"
+    assert report["cos_merged16_vs_adapters"] > 0.999, "the merged 16-bit model differs from base + adapters"
+    assert report["merged_4bit_layers"] > 0
+    assert report["cos_merged4_vs_merged16"] > 0.9, "the merged 4-bit model is far from the merged 16-bit one"
+
+
+@needs_cuda
+def test_unsloth_backend_end_to_end(tmp_path):
+    pytest.importorskip("unsloth")
+    _check(_run_scenario("unsloth", tmp_path), "unsloth")
+
+
+@needs_cuda
+def test_hf_backend_end_to_end(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    _check(_run_scenario("hf", tmp_path), "hf")
+
+
+if __name__ == "__main__":
+    backend, model_dir, out_dir = sys.argv[1:4]
+    print("RESULT " + json.dumps(scenario(backend, model_dir, out_dir), default=str), flush=True)
