@@ -127,7 +127,9 @@ def load_adapters(base_name: str, adapter_folder: str | Path, *, dtype: str = "f
     tokenizer = AutoTokenizer.from_pretrained(adapter_folder)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_name(base_name), dtype=_dtype(dtype),
                                                 device_map={"": device}, use_safetensors=True)
-    if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
+    # Training only ever grows the matrix (prepare_tokenizer); many models carry spare rows beyond the
+    # tokenizer (Llama 3.1: 128256 rows), and shrinking to len(tokenizer) would cut them off.
+    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
     if (Path(adapter_folder) / "generation_config.json").exists():
         base.generation_config = GenerationConfig.from_pretrained(adapter_folder)

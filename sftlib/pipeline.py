@@ -36,6 +36,7 @@ class RunResult:
     accuracy_after: float | None = None
     train: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
+    preflight: dict = field(default_factory=dict)  # sftlib.preflight.Report.to_dict()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -69,6 +70,10 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     from sftlib.train import train
 
     cfg.validate()
+    if "gguf" in cfg.export.formats:  # a missing llama.cpp toolchain should stop the run now, not after training
+        from sftlib.gguf_setup import require_toolchain
+
+        require_toolchain()
     result = RunResult()
     main = _is_main_process()
     if not main:  # under `accelerate launch`, one process speaks, evaluates and saves
@@ -100,6 +105,18 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     result.trained_token_share = trained / total if total else 0.0
     log(f"tokens: {total} in training rows, {result.trained_token_share:.0%} trained "
         f"({cfg.data.train_on}), {result.truncated_rows} rows cut at {cfg.model.max_seq_length}")
+    if cfg.train.preflight != "off":  # before any training: fatal findings stop here, saying what to change
+        from sftlib.preflight import preflight
+
+        # whole matrices are trained with `always`, or for new tokens under Unsloth; `auto` elsewhere trains rows only
+        embeddings = cfg.lora.train_embeddings == "always" or (
+            cfg.lora.train_embeddings == "auto" and bool(info.added_tokens) and chosen.name == "unsloth")
+        report = preflight(cfg, tokenizer, template, train_rows, raw_rows=train_ds, model=model,
+                           backend=chosen.name, embeddings_trained=embeddings)
+        result.preflight = report.to_dict()
+        log(report.to_text())
+        if cfg.train.preflight == "stop":
+            report.raise_if_fatal()
     if trained == 0:
         raise ValueError("no token is trained: check `data.train_on` and `model.chat_template`")
 
@@ -113,13 +130,18 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     if before_answers:
         result.accuracy_before = accuracy(before_answers)
 
-    model = add_lora(model, cfg, chosen, train_embeddings=bool(info.added_tokens) or info.pad_added)
+    model = add_lora(model, cfg, chosen, train_embeddings=bool(info.added_tokens),
+                     new_token_ids=info.added_token_ids)
+    if getattr(model, "sftlib_plan", None) is not None:  # `auto` settings: say what was chosen and why
+        log(str(model.sftlib_plan))
     trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} rslora={cfg.lora.use_rslora}: {trained_params:,} trainable parameters")
     outcome = train(cfg, model, tokenizer, train_rows, backend=chosen, callbacks=callbacks)
     result.train = json.loads(outcome.to_json())
     log(f"trained {outcome.steps} steps in {outcome.runtime_s:.1f}s: loss {outcome.first_loss:.3f} -> "
         f"{outcome.final_loss:.3f}, {outcome.tokens_per_s:,.0f} tokens/s, peak {outcome.peak_memory_gib:.2f} GiB")
+    if outcome.resumed_from:
+        log(f"resumed from {outcome.resumed_from} (`train.resume: {cfg.train.resume}`)")
 
     if not main:
         return result
@@ -136,16 +158,27 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
 
     out = Path(cfg.export.output_dir)
     formats = cfg.export.formats
-    if "lora" in formats or "merged_16bit" in formats:
+    if "lora" in formats or "merged_16bit" in formats or "gguf" in formats:
         result.outputs["lora"] = str(save_adapters(model, tokenizer, out / "lora"))
         log(f"saved LoRA adapters to {result.outputs['lora']}")
-    if "merged_16bit" in formats:
+    if "merged_16bit" in formats or "gguf" in formats:  # GGUF files are converted from the merged model
         result.outputs["merged_16bit"] = str(save_merged(cfg.model.name, out / "lora", out / "merged_16bit"))
         log(f"saved merged 16-bit model to {result.outputs['merged_16bit']}")
+    if "gguf" in formats:
+        from sftlib.gguf import export_from_config
+
+        result.outputs["gguf"] = export_from_config(cfg, out / "lora", merged=result.outputs["merged_16bit"],
+                                                    log=log)["gguf"]
     for fmt in formats:
-        if fmt not in ("lora", "merged_16bit"):
+        if fmt not in ("lora", "merged_16bit", "gguf"):
             log(f"export format {fmt!r}: not produced by `train`; run `python -m sftlib export` for it")
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.train.output_dir) / "run_result.json").write_text(result.to_json())
+    if cfg.export.push_to_hub:  # last, so that a failed upload leaves every local output in place
+        from sftlib.hub import push_folder
+
+        result.outputs["hub"] = push_folder(out, cfg.export.hub_repo, private=cfg.export.hub_private)
+        log(f"uploaded {out} to {result.outputs['hub']}")
+        (Path(cfg.train.output_dir) / "run_result.json").write_text(result.to_json())
     result.model, result.tokenizer, result.template_obj = model, tokenizer, template
     return result

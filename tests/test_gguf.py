@@ -1,0 +1,500 @@
+"""GGUF export, run in llama.cpp and compared with transformers, on the CPU and offline.
+
+    python -m sftlib.gguf_setup          # once per machine (`make test` does it); then:
+    pytest tests/test_gguf.py -q
+
+The models here have hidden size 256, because K-quants work on rows of 256 values: with a smaller
+hidden size llama.cpp silently writes q5_0 instead and the K kernels are never exercised. The main
+model is a 2-layer Llama with a byte-level BPE tokenizer split like Llama 3's, trained for a few
+seconds on ChatML conversations so that its answers are peaked and end with <|im_end|>.
+
+Without `llama_cpp` this module fails to import on purpose: a missing toolchain is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import llama_cpp
+except ImportError as exc:  # pragma: no cover - the point is to fail loudly
+    raise ImportError(f"llama_cpp is not installed ({exc}); run `python -m sftlib.gguf_setup` (`make test` does)") from exc
+
+from sftlib.gguf import (GGUFExportError, GGUFVerifyError, check_types, estimate_bytes, export_gguf,
+                         suggest_pre_tokenizer)
+from sftlib.gguf_setup import find_toolchain
+from sftlib.templates import get_template
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QA = [
+    ("Which colour is the sky?", "The sky is blue."),
+    ("Which colour is grass?", "Grass is green."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Say hello.", "Hello! How can I help you today?"),
+]
+CHECKS = [[{"role": "user", "content": q}] for q, _ in QA[:4]] + [
+    [{"role": "system", "content": "You are brief."}, {"role": "user", "content": QA[4][0]}]]
+SWEEP = ["bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]  # converted once, to bf16
+# Bounds from measured figures (llama.cpp 0.3.36 vs transformers 5.17 on this model, several runs:
+# bf16 max |dlogit| 0.02, KL 2e-6; f16 0.008-0.03, KL 1e-7..1e-6; q8_0 KL 5e-5..2e-4; q4_k_m KL
+# 8e-3..3e-2), with room for other CPUs. They sit near what other tiny Llama/Qwen/Mistral models
+# trained longer gave (f16 <= 0.011, q8_0 4e-5..1.5e-4, q4_k_m 1e-3..1e-2); this one's logits are
+# larger, and so its errors.
+BOUNDS = {"bf16": dict(dlogit=0.2, kl=1e-4, top1=0.99), "f16": dict(dlogit=0.1, kl=1e-4, top1=0.99),
+          "q8_0": dict(dlogit=2.0, kl=2e-3, top1=0.98), "q4_k_m": dict(dlogit=12.0, kl=0.1, top1=0.95)}
+
+
+def _bpe_tokenizer(texts):
+    """Byte-level BPE with Llama 3's split regex and its BOS/EOS/pad names, trained on `texts`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, pad = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=[bos, eos, pad], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, tok.token_to_id(bos))])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, clean_up_tokenization_spaces=False)
+
+
+def _llama(tokenizer, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+def _train(model, tokenizer, template, conversations, steps):
+    """Full fine-tuning on the assistant turns, with sftlib's own loss mask."""
+    from sftlib.encode import encode_conversation
+
+    rows = [encode_conversation(tokenizer, template, c) for c in conversations]
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return float(loss.detach())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Models this small run several times faster on one thread than on two busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+    """A merged-model folder as sftlib writes it (bfloat16 safetensors + fitted tokenizer), ChatML-tuned."""
+    from sftlib.model import prepare_tokenizer
+
+    corpus = [f"{q} {a}" for q, a in QA] * 30 + ["Tabs\tand\nnewlines, quotes \"like this\", émojis 🙂, I've 1234567"] * 10
+    tokenizer = _bpe_tokenizer(corpus)
+    model = _llama(tokenizer)
+    template = get_template("chatml")
+    prepare_tokenizer(model, tokenizer, template)
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+    convs.append([{"role": "system", "content": "You are brief."}] + convs[-1])
+    loss = _train(model, tokenizer, template, convs, steps=100)
+    assert loss < 0.05, f"the tiny model did not learn its answers (loss {loss:.3f})"
+    folder = tmp_path_factory.mktemp("gguf") / "merged_16bit"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(chatml_dir):
+    out = chatml_dir.parent / "gguf"
+    lines = []
+    result = export_gguf(chatml_dir, out, SWEEP, template="chatml", model_name="tiny-chat", pre_tokenizer="llama-bpe",
+                         conversations=CHECKS, log=lines.append)
+    return result, lines
+
+
+def _metadata(path) -> dict:
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return dict(llm.metadata)
+    finally:
+        llm.close()
+
+
+def _tensor_types(path) -> set[str]:
+    """Tensor types in a GGUF, read with the gguf-py that ships with the converter."""
+    gguf_py = str(find_toolchain().source_dir / "gguf-py")
+    if gguf_py not in sys.path:
+        sys.path.insert(0, gguf_py)
+    from gguf import GGUFReader
+
+    return {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def test_every_type_is_written_verified_and_within_measured_bounds(exported):
+    result, lines = exported
+    assert result.ok, result.table()
+    assert [f.type for f in result.files] == SWEEP
+    for f in result.files:
+        assert Path(f.path).is_file() and Path(f.path).name == f"tiny-chat.{f.type.upper()}.gguf"
+        c = f.check
+        assert c["token_mismatches"] == [] and c["token_strings"] >= 15
+        assert c["prompt_parity"] is True
+        assert c["stop_expected"] == len(CHECKS) and c["stopped"] == len(CHECKS), (f.type, c["replies"])
+    sizes = [f.bytes for f in result.files]
+    assert sizes == sorted(sizes, reverse=True), sizes  # bf16 = f16 > q8_0 > q6_k > ... > q2_k
+    checks = {f.type: f.check for f in result.files}
+    for qtype, bound in BOUNDS.items():
+        c = checks[qtype]
+        assert c["max_abs_dlogit"] <= bound["dlogit"], (qtype, c["max_abs_dlogit"])
+        assert c["mean_kl"] <= bound["kl"], (qtype, c["mean_kl"])
+        assert c["top1_agreement"] >= bound["top1"], (qtype, c["top1_agreement"])
+    for qtype in ("bf16", "f16", "q8_0"):  # same greedy tokens as transformers on every prompt
+        assert checks[qtype]["greedy_identical"] == len(CHECKS), checks[qtype]["greedy"]
+    assert [r["text"] for r in checks["f16"]["replies"]] == [a for _, a in QA]
+    assert any("converting" in line for line in lines) and any("q4_k_m written" in line for line in lines)
+
+
+def test_k_quants_really_use_k_blocks(exported):
+    files = {f.type: f.path for f in exported[0].files}
+    assert "Q4_K" in _tensor_types(files["q4_k_m"]) and "Q6_K" in _tensor_types(files["q6_k"])
+    assert "Q2_K" in _tensor_types(files["q2_k"]) and "Q3_K" in _tensor_types(files["q3_k_m"])
+    for qtype in ("q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"):
+        assert "Q5_0" not in _tensor_types(files[qtype]), f"{qtype} fell back to q5_0"
+
+
+def test_metadata_carries_template_bos_and_end_of_turn(exported, chatml_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chatml_dir)
+    meta = _metadata(next(f.path for f in exported[0].files if f.type == "q4_k_m"))
+    # training put BOS before a template that does not write it: the GGUF template writes it
+    assert meta["tokenizer.chat_template"] == "{{ bos_token }}" + get_template("chatml").jinja
+    assert meta["tokenizer.ggml.add_bos_token"] == "true"
+    assert int(meta["tokenizer.ggml.eot_token_id"]) == tok.convert_tokens_to_ids("<|im_end|>")
+    assert int(meta["tokenizer.ggml.eos_token_id"]) == tok.eos_token_id
+    assert meta["general.name"] == "tiny-chat" and meta["tokenizer.ggml.pre"] == "llama-bpe"
+
+
+def test_chat_completion_stops_at_im_end_with_one_bos(exported, chatml_dir):
+    from transformers import AutoTokenizer
+
+    from sftlib.encode import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(chatml_dir)
+    path = next(f.path for f in exported[0].files if f.type == "q4_k_m")
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
+    try:
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        out = llm.create_chat_completion(messages=messages, max_tokens=64, temperature=0.0)
+        assert out["choices"][0]["finish_reason"] == "stop"
+        assert out["choices"][0]["message"]["content"] == "The capital of France is Paris."
+        assert out["usage"]["completion_tokens"] < 20  # it stopped at <|im_end|>, not at max_tokens
+        assert out["usage"]["prompt_tokens"] == len(prompt_ids(tok, get_template("chatml"), messages))
+    finally:
+        llm.close()
+
+
+def test_report_and_modelfile_sit_beside_the_files(exported):
+    result, _ = exported
+    out = Path(result.out_dir)
+    report = json.loads((out / "gguf_report.json").read_text())
+    assert [f["type"] for f in report["files"]] == SWEEP and all(f["ok"] for f in report["files"])
+    assert report["settings"]["add_bos"] is True and report["settings"]["stop_strings"] == ["<|im_end|>", "<|end_of_text|>"]
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny-chat.Q4_K_M.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|end_of_text|>"' in modelfile
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["Modelfile", "gguf_report.json"] + [f"tiny-chat.{t.upper()}.gguf" for t in SWEEP])  # nothing half-written
+
+
+def test_unknown_bpe_tokenizer_stops_with_a_suggestion(chatml_dir, tmp_path):
+    assert suggest_pre_tokenizer(chatml_dir) == "llama-bpe"
+    with pytest.raises(GGUFExportError, match=r"does not recognise the BPE tokenizer.*pre_tokenizer='llama-bpe'"):
+        export_gguf(chatml_dir, tmp_path / "out", ["f16"], template="chatml", verify=False, log=lambda s: None)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_forced_verification_failure_is_reported_and_the_file_kept_aside(chatml_dir, tmp_path):
+    """add_bos=False contradicts training (it put BOS first): the prompt check must catch it."""
+    out = tmp_path / "out"
+    with pytest.raises(GGUFVerifyError, match="chat prompt ids differ from training"):
+        export_gguf(chatml_dir, out, ["f16"], template="chatml", pre_tokenizer="llama-bpe", add_bos=False,
+                    conversations=CHECKS[:1], log=lambda s: None)
+    assert sorted(p.name for p in out.iterdir()) == ["gguf_report.json", "sftlib-model.F16.gguf.failed"]
+    report = json.loads((out / "gguf_report.json").read_text())
+    assert report["files"][0]["ok"] is False and report["files"][0]["check"]["prompt_parity"] is False
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def test_interrupted_export_leaves_nothing_that_looks_complete(chatml_dir, tmp_path):
+    def log(line):
+        if line.startswith("gguf: verifying q8_0"):  # f16 and q8_0 are written and f16 verified by now
+            raise _Interrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(_Interrupt):
+        export_gguf(chatml_dir, out, ["f16", "q8_0"], template="chatml", pre_tokenizer="llama-bpe",
+                    conversations=CHECKS[:1], log=log)
+    assert list(out.iterdir()) == []  # temporary files removed, nothing renamed into place
+
+
+def test_killed_export_leaves_only_hidden_temporary_files(chatml_dir, tmp_path):
+    """SIGKILL gives no chance to clean up: what is left must not look finished, and the next export clears it."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        from sftlib.gguf import export_gguf
+        export_gguf({str(chatml_dir)!r}, {str(out)!r}, ["f16", "q8_0"], template="chatml",
+                    pre_tokenizer="llama-bpe", log=lambda s: print(s, flush=True))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("gguf: verifying"):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in out.iterdir())
+    assert left and all(n.startswith(".") and ".partial-" in n for n in left), left
+    from sftlib.gguf import _remove_dead_partials
+
+    _remove_dead_partials(out, "sftlib-model")
+    assert list(out.iterdir()) == []
+
+
+def test_disk_space_is_checked_before_anything_is_written(chatml_dir, exported, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from sftlib.export import DiskSpaceError
+
+    written = sum(f.bytes for f in exported[0].files)
+    estimate = estimate_bytes(chatml_dir, SWEEP, "bf16")
+    assert written <= estimate <= 3 * written, (written, estimate)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(DiskSpaceError, match="not enough disk space"):
+        export_gguf(chatml_dir, tmp_path / "out", SWEEP, template="chatml", pre_tokenizer="llama-bpe", log=lambda s: None)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_quantization_types_are_checked_all_at_once():
+    with pytest.raises(GGUFExportError) as err:
+        check_types(["q4_k_m", "iq2_xxs", "q9_k", "Q4_K_M"])
+    text = str(err.value)
+    assert "`iq2_xxs` needs an importance matrix" in text and "unknown quantization `q9_k`" in text
+    assert "lists ['q4_k_m'] twice" in text
+    assert check_types(["Q8_0", "q4_k_m"]) == ["q8_0", "q4_k_m"]
+
+
+# ----------------------------------------------------------------------------- SentencePiece, Mistral template
+
+
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory):
+    """Llama-2/Mistral style: a SentencePiece BPE vocab with byte fallback, BOS added by the tokenizer."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from sftlib.model import prepare_tokenizer
+
+    root = tmp_path_factory.mktemp("spm")
+    texts = [f"{q} {a}" for q, a in QA] * 40 + ["Tabs\tand\nnewlines, émojis 🙂, 1234567 [INST] x [/INST]"] * 10
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(root / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True}))
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    model = _llama(tokenizer, seed=1)
+    prepare_tokenizer(model, tokenizer, get_template("mistral"))
+    folder = root / "merged_16bit"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_sentencepiece_model_with_mistral_template(spm_dir):
+    with pytest.warns(UserWarning, match="stopping could not be checked"):  # random weights never end a turn
+        result = export_gguf(spm_dir, spm_dir.parent / "gguf", ["f16", "q8_0"], template="mistral",
+                             model_name="tiny-spm", max_new_tokens=12, log=lambda s: None)
+    assert result.ok, result.table()
+    f16, q8 = (f.check for f in result.files)
+    assert f16["token_mismatches"] == [] and f16["prompt_parity"] is True  # one BOS: the template's own
+    assert f16["max_abs_dlogit"] <= 0.05 and f16["greedy_identical"] == 3
+    assert q8["mean_kl"] <= 2e-3
+    meta = _metadata(result.files[0].path)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_bos_token"] == "true"
+    # transformers puts no "▁" before a word that follows a special token; llama.cpp must not either
+    assert meta["tokenizer.ggml.add_space_prefix"] == "false"
+    assert meta["tokenizer.chat_template"] == get_template("mistral").jinja  # it writes BOS itself: unchanged
+    assert 'PARAMETER stop "</s>"' in Path(result.modelfile).read_text()
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_export_merges_adapters_and_writes_verified_gguf(chatml_dir, tmp_path):
+    """`python -m sftlib export --config run.yaml --adapter DIR`, in a fresh process."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlib.export import save_adapters
+
+    base = AutoModelForCausalLM.from_pretrained(chatml_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(chatml_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # small but non-zero: the merge must change the weights, not the answers
+            p.data.normal_(0, 1e-3)
+    save_adapters(model, tokenizer, tmp_path / "lora")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                            + "\n" for q, a in QA))
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent(f"""
+        model: {{name: {chatml_dir}, chat_template: chatml, load_in_4bit: false, dtype: float32}}
+        data: {{source: {data}, eval_size: 0}}
+        export: {{output_dir: {tmp_path / "model"}, formats: [gguf], gguf_quantizations: [q8_0]}}
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "sftlib", "export", "--config", str(config), "--adapter",
+                           str(tmp_path / "lora"), "--pre-tokenizer", "auto"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    gguf_dir = tmp_path / "model" / "gguf"
+    assert (tmp_path / "model" / "merged_16bit" / "model.safetensors").is_file()
+    report = json.loads((gguf_dir / "gguf_report.json").read_text())
+    (q8,) = report["files"]
+    assert q8["ok"] and Path(q8["path"]).name == "merged_16bit-sft.Q8_0.gguf" and Path(q8["path"]).is_file()
+    assert q8["check"]["stopped"] == q8["check"]["stop_expected"] == 3  # prompts taken from the run's data
+    assert (gguf_dir / "Modelfile").read_text().startswith("FROM ./merged_16bit-sft.Q8_0.gguf")
+    assert "merged_16bit-sft.Q8_0.gguf" in proc.stdout and " ok " in proc.stdout
+
+
+# ----------------------------------------------------------------------------- a real pretrained model
+
+
+def _stories260k_to_hf(folder: Path, out: Path) -> Path:
+    """llama2.c's legacy checkpoint -> a transformers Llama folder (layout facts from the fixture README)."""
+    import numpy as np
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    raw = (folder / "stories260K.bin").read_bytes()
+    dim, hidden, layers, heads, kv_heads, vocab, _ = np.frombuffer(raw[:28], dtype="<i4")
+    data, pos = np.frombuffer(raw[28:], dtype="<f4"), 0
+    head_dim, kv_dim = dim // heads, dim // heads * kv_heads
+
+    def take(*shape):
+        nonlocal pos
+        n = int(np.prod(shape))
+        pos += n
+        return torch.from_numpy(data[pos - n:pos].reshape(shape).copy())
+
+    def unpermute(w, n_heads):  # interleaved rotary pairs -> transformers' half-split layout
+        rows, cols = w.shape
+        return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    emb, att_norm = take(vocab, dim), take(layers, dim)
+    wq, wk, wv, wo = take(layers, dim, dim), take(layers, kv_dim, dim), take(layers, kv_dim, dim), take(layers, dim, dim)
+    ffn_norm, w1, w2, w3 = take(layers, dim), take(layers, hidden, dim), take(layers, dim, hidden), take(layers, hidden, dim)
+    final_norm = take(dim)
+    config = LlamaConfig(vocab_size=int(vocab), hidden_size=int(dim), intermediate_size=int(hidden),
+                         num_hidden_layers=int(layers), num_attention_heads=int(heads), num_key_value_heads=int(kv_heads),
+                         max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, head_dim=int(head_dim))
+    model = LlamaForCausalLM(config)
+    state = {"model.embed_tokens.weight": emb, "model.norm.weight": final_norm, "lm_head.weight": emb}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state.update({p + "input_layernorm.weight": att_norm[i], p + "post_attention_layernorm.weight": ffn_norm[i],
+                      p + "self_attn.q_proj.weight": unpermute(wq[i], heads),
+                      p + "self_attn.k_proj.weight": unpermute(wk[i], kv_heads),
+                      p + "self_attn.v_proj.weight": wv[i], p + "self_attn.o_proj.weight": wo[i],
+                      p + "mlp.gate_proj.weight": w1[i], p + "mlp.down_proj.weight": w2[i], p + "mlp.up_proj.weight": w3[i]})
+    model.load_state_dict(state)
+    model.save_pretrained(out)
+    tok_dir = out.parent / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.model").write_bytes((folder / "tok512.model").read_bytes())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True}))
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.skipif(not (SHARED_FIXTURES / "model" / "stories260K").is_dir(), reason="shared fixtures not present")
+def test_real_stories260k_gguf_tells_the_story_of_its_model_card(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    expected = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+    hf_dir = _stories260k_to_hf(SHARED_FIXTURES / "model" / "stories260K", tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    assert tok("Once upon a time, there was a little girl named Lily.")["input_ids"] == \
+        [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426]  # as in the card
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_ids = [1]
+    with torch.no_grad():
+        for _ in range(24):
+            hf_ids.append(int(model(input_ids=torch.tensor([hf_ids])).logits[0, -1].argmax()))
+    assert tok.decode(hf_ids, skip_special_tokens=True).startswith(expected[:60])  # the conversion is right
+    # hidden size 64: f16 only (K-quants would fall back to q5_0); no chat template was trained, so no checks
+    result = export_gguf(hf_dir, tmp_path / "gguf", ["f16"], template="alpaca", model_name="stories260K",
+                         add_bos=True, verify=False, modelfile=False, log=lambda s: None)
+    llm = llama_cpp.Llama(model_path=result.files[0].path, n_ctx=128, n_threads=1, n_threads_batch=1, logits_all=True,
+                          verbose=False)
+    try:
+        ids = [llm.token_bos()]
+        llm.eval(ids)
+        while len(ids) < len(hf_ids):
+            ids.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+            llm.eval(ids[-1:])
+        assert ids == hf_ids
+        text = llm.create_completion("", max_tokens=40, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+        assert text.strip().startswith(expected), text
+    finally:
+        llm.close()
