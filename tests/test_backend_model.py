@@ -66,17 +66,29 @@ def test_pad_equal_to_eos_is_replaced(tiny):
     assert tokenizer.pad_token != tokenizer.eos_token
 
 
-def test_lora_trains_embeddings_only_when_tokens_were_added(tiny):
+def test_only_the_added_token_rows_are_trained_by_default(tiny):
     model, tokenizer = tiny
     cfg = RunConfig.preset("cpu-demo")
     info = prepare_tokenizer(model, tokenizer, get_template("chatml"))
-    peft_model = add_lora(model, cfg, CPU, train_embeddings=bool(info.added_tokens))
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    peft_model = add_lora(model, cfg, CPU, train_embeddings=bool(info.added_tokens),
+                          new_token_ids=info.added_token_ids)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
-    assert any("embed_tokens" in n and "modules_to_save" in n for n in trainable)
-    assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
+    rows = {n: p for n, p in trainable.items() if "trainable_tokens" in n}
+    assert {n.split(".token_adapter")[0].rsplit(".", 1)[-1] for n in rows} == {"embed_tokens", "lm_head"}
+    assert all(p.shape[0] == len(info.added_tokens) for p in rows.values())  # two rows each, not the vocab
     targets = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
     assert targets == set(cfg.lora.target_modules)
+
+
+def test_train_embeddings_always_trains_whole_matrices(tiny):
+    model, tokenizer = tiny
+    cfg = RunConfig.preset("cpu-demo", {"lora.train_embeddings": "always"})
+    info = prepare_tokenizer(model, tokenizer, get_template("chatml"))
+    peft_model = add_lora(model, cfg, CPU, train_embeddings=True, new_token_ids=info.added_token_ids)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("embed_tokens" in n and "modules_to_save" in n for n in trainable)
+    assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
 
 
 def test_lora_without_new_tokens_leaves_embeddings_frozen(tiny):

@@ -55,7 +55,8 @@ def trained(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(cfg, backend)
     info = prepare_tokenizer(model, tokenizer, template)
     rows = encode_dataset(train_ds, tokenizer, template, max_length=cfg.model.max_seq_length)
-    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens))
+    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens),
+                     new_token_ids=info.added_token_ids)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = train(cfg, model, tokenizer, rows, backend=backend)
     return dict(cfg=cfg, model=model, tokenizer=tokenizer, template=template, before=before, result=result,
@@ -119,6 +120,46 @@ def test_adapters_reload_and_merge_give_the_same_logits(trained):
     # the merged folder carries the template's stop tokens for plain transformers users
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in list(m16.generation_config.eos_token_id)
     assert not any(p.name.startswith(".") for p in (tmp / "model").iterdir())  # no temporary folders left
+
+
+def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tmp_path):
+    """`lora.train_embeddings: auto` trains just the added tokens' rows; reload and merge keep them."""
+    from transformers import AutoModelForCausalLM
+
+    from sftlib.backend import choose_backend
+    from sftlib.data import load_dataset
+    from sftlib.encode import encode_dataset
+    from sftlib.export import load_adapters, save_adapters, save_merged
+    from sftlib.model import add_lora, load_model, prepare_tokenizer
+    from sftlib.templates import get_template
+    from sftlib.train import train
+
+    cfg = RunConfig.preset("cpu-demo").with_overrides({
+        "model.name": str(tiny_model_dir), "data.source": str(_write_chat_data(tmp_path / "c.jsonl", 16)),
+        "data.eval_size": 0, "lora.train_embeddings": "auto", "train.max_steps": 6, "train.learning_rate": 1e-2,
+        "train.warmup_steps": 0, "train.output_dir": str(tmp_path / "out"),
+    })
+    backend = choose_backend("cpu")
+    template = get_template("chatml")
+    model, tokenizer = load_model(cfg, backend)
+    info = prepare_tokenizer(model, tokenizer, template)
+    base_embed = model.get_input_embeddings().weight.detach().clone()
+    rows = encode_dataset(load_dataset(cfg.data)[0], tokenizer, template, max_length=128)
+    model = add_lora(model, cfg, backend, train_embeddings=True, new_token_ids=info.added_token_ids)
+    train(cfg, model, tokenizer, rows, backend=backend)
+    ids = torch.tensor([rows[0]["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    lora_dir = save_adapters(model, tokenizer, tmp_path / "lora")
+    reloaded, _ = load_adapters(cfg.model.name, lora_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, reference, atol=1e-5, rtol=0)
+    merged = AutoModelForCausalLM.from_pretrained(save_merged(cfg.model.name, lora_dir, tmp_path / "m", dtype="float32"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference, atol=1e-4, rtol=0)
+    changed = (merged.get_input_embeddings().weight - base_embed).abs().amax(dim=1) > 0
+    assert sorted(changed.nonzero().flatten().tolist()) == sorted(info.added_token_ids)
 
 
 def test_demo_runs_as_a_user_runs_it(tmp_path):
