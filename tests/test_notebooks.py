@@ -1,0 +1,444 @@
+"""The notebooks: generated from one source, well formed, calling sftlib as it is today, and run headless.
+
+    pytest tests/test_notebooks.py -q                        # static checks, then the runs (about 3 min, 2 cores)
+    pytest tests/test_notebooks.py -q -m "not notebooks"     # static checks only (seconds)
+
+The runs execute each notebook with papermill in a real Jupyter kernel ("python3", this environment's
+Python), on the CPU demo settings, in one temporary folder: 02_train saves the adapters that
+03_inference_and_eval and 04_export load. Each run writes its figures to RESULTS_PATH, which the tests
+read. nbval then re-runs the executed notebooks and compares the cells marked `# NBVAL_CHECK_OUTPUT`.
+The GGUF cell of 04 runs when llama.cpp's toolchain is built (`make gguf-deps`; `make test` builds it).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+NAMES = [p.stem for p in NOTEBOOKS]
+EXPECTED = ["00_quickstart", "01_data_and_templates", "02_train", "03_inference_and_eval", "04_export"]
+SANITIZE = Path(__file__).with_name("nbval_sanitize.cfg")
+sys.path.insert(0, str(REPO / "scripts"))  # make_notebooks: the generator, for its URLs
+# A prompt the demo model learns to answer (the bundled data are labelled reviews).
+DEMO_PROMPT = "Review: The lamp is great, really wonderful.\nIs this review positive or negative?"
+
+
+def _read(name: str):
+    return nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+
+
+def _code_cells(nb) -> list[str]:
+    return ["".join(c.source) for c in nb.cells if c.cell_type == "code"]
+
+
+def _parameters_cell(nb):
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{len(cells)} cells tagged `parameters`"
+    return cells[0]
+
+
+def _parameters(nb) -> dict[str, object]:
+    return {t.targets[0].id: ast.literal_eval(t.value) for t in ast.parse(_parameters_cell(nb).source).body}
+
+
+def _form_keys(nb) -> dict[str, str]:
+    """Parameter name -> config key, read from the `ConfigForm(PRESET, {...})` call of the notebook."""
+    for src in _code_cells(nb):
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ConfigForm":
+                mapping = node.args[1]
+                return {v.id: k.value for k, v in zip(mapping.keys, mapping.values) if isinstance(v, ast.Name)}
+    raise AssertionError("no ConfigForm(...) call")
+
+
+# ---- static checks (fast, not marked) -------------------------------------------------------------------
+
+
+def test_the_suite_is_complete():
+    assert NAMES == EXPECTED
+
+
+def test_running_the_generator_changes_nothing():
+    """The notebooks, colab_badges.md and the README list are exactly what scripts/make_notebooks.py writes."""
+    out = subprocess.run([sys.executable, "scripts/make_notebooks.py", "--check"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, f"run `python scripts/make_notebooks.py`:\n{out.stdout}{out.stderr}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_valid_and_stored_without_outputs(name):
+    text = (REPO / "notebooks" / f"{name}.ipynb").read_text(encoding="utf-8")
+    json.loads(text)
+    nb = _read(name)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"stored output in:\n{cell.source[:200]}"
+    assert "widgets" not in nb.metadata  # saved widget state is output too
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_parameters_cell_of_commented_literals(name):
+    import papermill
+
+    nb = _read(name)
+    cell = _parameters_cell(nb)
+    tree = ast.parse(cell.source)
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), \
+            f"not a plain assignment: {ast.unparse(stmt)}"
+        ast.literal_eval(stmt.value)  # literals only: papermill does not recompute derived values
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]*", stmt.targets[0].id)
+    for line in cell.source.splitlines():
+        assert re.search(r"\S\s+#\s\S", line), f"no range comment: {line}"
+    params = _parameters(nb)
+    listed = papermill.inspect_notebook(str(REPO / "notebooks" / f"{name}.ipynb"))
+    assert list(listed) == list(params), "papermill --help-notebook must list every parameter"
+    assert {"PRESET", "RESULTS_PATH"} <= set(params)
+    later = "\n".join(_code_cells(nb)[_code_cells(nb).index(cell.source) + 1:])
+    used = {n.id for n in ast.walk(ast.parse(later)) if isinstance(n, ast.Name)}
+    assert set(params) <= used, f"parameters never used: {set(params) - used}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_works_with_papermill_p(name):
+    """`papermill NB out.ipynb -p NAME VALUE` passes VALUE as text; it must reach the config unchanged."""
+    from papermill.cli import _resolve_type
+
+    from sftlib.config import PRESETS, RunConfig
+    from sftlib.widgets import ConfigForm
+
+    nb = _read(name)
+    params, keys = _parameters(nb), _form_keys(nb)
+    demo = RunConfig.preset("cpu-demo")
+    for param, default in params.items():
+        if param in keys:
+            section, _, field = keys[param].rpartition(".")
+            example = default if default is not None else getattr(getattr(demo, section), field)
+            text = ",".join(example) if isinstance(example, list) else str(example)
+            form = ConfigForm("cpu-demo", {keys[param]: _resolve_type(text)})
+            assert form.problems == [], f"-p {param} {text!r}: {form.problems}"
+            assert getattr(getattr(form.config(), section), field) == example
+        elif param == "PRESET":
+            assert default in PRESETS and all(_resolve_type(p) == p for p in PRESETS)
+        elif default is not None and default != "":
+            assert _resolve_type(str(default)) == default or isinstance(default, str), param
+    assert params["PRESET"] == "article", "the defaults reproduce the article"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_skeleton(name):
+    """Title and badge; install; imports; parameters; form; cfg = form.config(); steps under a why; results."""
+    from make_notebooks import REPO as GITHUB_REPO, colab_url
+
+    nb = _read(name)
+    cells = nb.cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ")
+    assert colab_url(name) in cells[0].source and GITHUB_REPO in colab_url(name)
+    assert cells[1].source == _read(NAMES[0]).cells[1].source  # the same generated install cell everywhere
+    assert "google.colab" in cells[1].source and "requirements.txt" in cells[1].source
+    assert cells[2].cell_type == "code" and "import" in cells[2].source
+    assert "parameters" in cells[4].metadata.get("tags", [])
+    assert cells[6].source.startswith("form = ConfigForm(PRESET, {")
+    assert "cfg = form.config()" in cells[7].source
+    assert cells[8].cell_type == "markdown", "the first step starts with a sentence of why"
+    run = 0
+    for cell in cells[8:]:
+        run = run + 1 if cell.cell_type == "code" else 0
+        assert run <= 3, "more than three code cells without a sentence of why"
+    assert cells[-1].source.startswith("results = nb.save_results(RESULTS_PATH, {")
+
+
+
+def _sftlib_calls(nb):
+    """Yield (call text, callable, positional count, keyword names, has *args/**kwargs) for every call of sftlib."""
+    names: dict[str, object] = {}
+    instances: dict[str, type] = {}
+    dict_kwargs: dict[str, list[str]] = {}
+    for src in _code_cells(nb):
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sftlib":
+                for alias in node.names:
+                    if node.module == "sftlib":
+                        obj = importlib.import_module(f"sftlib.{alias.name}")
+                    else:
+                        obj = getattr(importlib.import_module(node.module), alias.name)  # fails if renamed
+                    names[alias.asname or alias.name] = obj
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and len(node.targets) == 1:
+                target, call = node.targets[0], node.value
+                if isinstance(target, ast.Name) and getattr(call.func, "id", None) == "dict":
+                    dict_kwargs[target.id] = [k.arg for k in call.keywords]
+                if isinstance(target, ast.Name) and inspect.isclass(names.get(getattr(call.func, "id", None))):
+                    instances[target.id] = names[call.func.id]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func, target = node.func, None
+            if isinstance(func, ast.Name) and func.id in names:
+                target = names[func.id]
+            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+                owner = func.value.id
+                if inspect.ismodule(names.get(owner)):
+                    assert hasattr(names[owner], func.attr), f"{ast.unparse(func)} does not exist"
+                    target = getattr(names[owner], func.attr)
+                elif owner in instances:
+                    assert hasattr(instances[owner], func.attr), f"{ast.unparse(func)} does not exist"
+                    target = getattr(instances[owner], func.attr)
+            if target is None:
+                continue
+            keywords, starred = [], False
+            for kw in node.keywords:
+                if kw.arg is not None:
+                    keywords.append(kw.arg)
+                elif isinstance(kw.value, ast.Name) and kw.value.id in dict_kwargs:
+                    keywords += dict_kwargs[kw.value.id]
+                else:
+                    starred = True
+            starred |= any(isinstance(a, ast.Starred) for a in node.args)
+            bound_self = 1 if isinstance(func, ast.Attribute) and func.value.id in instances else 0
+            yield ast.unparse(node), target, bound_self + len(node.args), keywords, starred
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sftlib_calls_match_the_current_signatures(name):
+    """Every sftlib function, class and method a notebook calls exists and accepts the arguments given."""
+    checked = 0
+    for text, target, n_positional, keywords, starred in _sftlib_calls(_read(name)):
+        signature = inspect.signature(target)
+        args, kwargs = [object()] * n_positional, {k: object() for k in keywords}
+        try:
+            signature.bind_partial(*args, **kwargs) if starred else signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise AssertionError(f"{name}: `{text}` does not match {target.__qualname__}{signature}: {exc}") from None
+        checked += 1
+    assert checked >= 6, f"only {checked} sftlib calls found: the checker is not seeing the notebook"
+
+
+def test_badges_and_readme_list_every_notebook():
+    from make_notebooks import colab_url
+
+    badges = (REPO / "colab_badges.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for name in NAMES:
+        assert colab_url(name) in badges and f"(notebooks/{name}.ipynb)" in badges
+        assert f"(notebooks/{name}.ipynb)" in readme
+
+
+# ---- runs (marked `notebooks`) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One folder for all runs (the notebooks' relative `outputs/` land here), sftlib importable in kernels."""
+    folder = tmp_path_factory.mktemp("notebooks")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([old] if old else []))
+    yield folder
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+def _kernel_is_this_python():
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    return spec.argv[0] in ("python", "python3", sys.executable)
+
+
+def _execute(workdir: Path, name: str, out: str | None = None, **params) -> dict:
+    import papermill
+
+    out = out or name
+    results = workdir / f"{out}.json"
+    papermill.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(workdir / f"{out}.ipynb"),
+                               parameters={"PRESET": "cpu-demo", **params, "RESULTS_PATH": str(results)},
+                               kernel_name="python3", cwd=str(workdir), progress_bar=False, execution_timeout=600)
+    return json.loads(results.read_text())
+
+
+@pytest.fixture(scope="module")
+def quickstart(workdir):
+    return _execute(workdir, "00_quickstart", MAX_STEPS=30, PROMPT=DEMO_PROMPT, MAX_NEW_TOKENS=32)
+
+
+@pytest.fixture(scope="module")
+def data_report(workdir):
+    """01 through papermill's command line, as a user runs it with -p."""
+    results = workdir / "01_data_and_templates.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "papermill", str(REPO / "notebooks" / "01_data_and_templates.ipynb"),
+         str(workdir / "01_data_and_templates.ipynb"), "-k", "python3", "--cwd", str(workdir),
+         "-p", "PRESET", "cpu-demo", "-p", "MAX_ROWS", "600", "-p", "SAMPLES", "2",
+         "-p", "RESULTS_PATH", str(results)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(results.read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    return _execute(workdir, "02_train", MAX_STEPS=30, SAVE_STEPS=10)
+
+
+@pytest.mark.notebooks
+def test_kernel_is_this_environment():
+    assert _kernel_is_this_python()
+
+
+@pytest.mark.notebooks
+def test_00_quickstart_trains_answers_and_saves(quickstart, workdir):
+    losses = [loss for _, loss in quickstart["losses"]]
+    assert quickstart["backend"] == "cpu" and quickstart["steps"] == 30
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert quickstart["logged_this_run"] == quickstart["losses"]  # the live plot saw every logged loss
+    assert quickstart["heldout_after"]["loss"] < 0.5 * quickstart["heldout_before"]["loss"]
+    assert quickstart["preflight_ok"] is True
+    assert quickstart["stopped"], f"generation did not stop at <|im_end|>: {quickstart['reply']!r}"
+    assert quickstart["reply"] in ("The review is positive.", "The review is negative.")
+    assert (workdir / quickstart["outputs"]["lora"] / "adapter_model.safetensors").exists()
+    assert (workdir / quickstart["outputs"]["merged_16bit"] / "model.safetensors").exists()
+
+
+@pytest.mark.notebooks
+def test_01_data_and_templates_shows_format_mask_and_lengths(data_report):
+    assert data_report["rows"] == 600 and data_report["format"] == "sharegpt"
+    assert data_report["template"] == "chatml" and data_report["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    report = data_report["preflight"]
+    assert report["ok"] and report["rows_checked"] == 600
+    codes = [f["code"] for f in report["findings"]]
+    assert "end_of_turn_not_trained" not in codes and "no_trained_tokens" not in codes
+    assert 0.05 < report["trained_share"] < 0.5  # assistant replies only: short answers, longer prompts
+    assert report["truncated_rows"] == 0 and sum(c for _, _, c in report["histogram"]) == 600
+
+
+@pytest.mark.notebooks
+def test_02_train_loss_falls_and_checkpoints_are_written(trained, workdir):
+    from sftlib.config import RunConfig
+
+    # In a real kernel, the form held exactly what papermill injected, on top of the preset.
+    injected = {"train.max_steps": 30, "train.save_steps": 10, "lora.r": 16, "lora.alpha": 16}
+    assert RunConfig.from_dict(trained["config"]) == RunConfig.preset("cpu-demo", injected)
+    assert trained["steps"] == 30 and trained["resumed_from"] == "" and trained["preflight_ok"] is True
+    assert trained["final_loss"] < 0.5 * trained["first_loss"], trained["losses"]
+    assert trained["logged_this_run"] == trained["losses"]  # the live plot saw every logged loss
+    assert [Path(p).name for p in trained["checkpoints"]] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert (workdir / trained["adapters"] / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.notebooks
+def test_02_train_run_again_after_a_crash_resumes(trained, workdir):
+    """The session died while checkpoint-30 was being saved: running the notebook again (same settings)
+    continues from checkpoint-20 and ends where the uninterrupted run ended."""
+    from sftlib.train import MARKER
+
+    (workdir / "outputs" / "demo" / "checkpoint-30" / MARKER).unlink()
+    resumed = _execute(workdir, "02_train", "02_train_resumed", MAX_STEPS=30, SAVE_STEPS=10,
+                       EXPORT_DIR="outputs/resumed")
+    assert Path(resumed["resumed_from"]).name == "checkpoint-20"
+    assert resumed["steps"] == 30
+    assert resumed["losses"][:2] == trained["losses"][:2]  # the history up to the checkpoint came along
+    assert [step for step, _ in resumed["logged_this_run"]] == [30]  # only steps 21-30 ran
+    assert resumed["final_loss"] == pytest.approx(trained["final_loss"], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, workdir):
+    return _execute(workdir, "03_inference_and_eval", PROMPT=DEMO_PROMPT, MAX_NEW_TOKENS=32, SAMPLES=6)
+
+
+@pytest.mark.notebooks
+def test_03_inference_and_eval_beats_the_base(evaluated):
+    assert evaluated["stopped"], f"generation did not stop at <|im_end|>: {evaluated['reply']!r}"
+    assert evaluated["loss_tuned"] < 0.5 * evaluated["loss_base"]
+    assert evaluated["perplexity_tuned"] < evaluated["perplexity_base"]
+    assert evaluated["accuracy_base"] == 0.0 and evaluated["accuracy_tuned"] >= 0.5
+
+
+@pytest.fixture(scope="module")
+def exported(trained, workdir):
+    return _execute(workdir, "04_export", PROMPT=DEMO_PROMPT, MAX_NEW_TOKENS=32)
+
+
+@pytest.mark.notebooks
+def test_04_export_writes_a_merged_model_that_stops(exported, workdir):
+    assert set(exported["written"]) == {"lora", "merged_16bit"}  # the cpu-demo preset: no GGUF, no upload
+    assert (workdir / exported["written"]["lora"] / "adapter_model.safetensors").exists()
+    assert (workdir / exported["written"]["merged_16bit"] / "model.safetensors").exists()
+    assert exported["merged_stopped"], exported["merged_reply"]
+
+
+def _gguf_toolchain_missing() -> str | None:
+    from sftlib.gguf_setup import find_toolchain
+
+    try:
+        find_toolchain()
+        import llama_cpp  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any reason it is unusable is the skip reason
+        return f"GGUF toolchain not built (`make gguf-deps`): {exc}"
+    return None
+
+
+@pytest.mark.notebooks
+def test_04_export_gguf_and_modelfile(exported, workdir):
+    """The GGUF cell for real: q8_0 of the demo model, verified in llama.cpp, with its Ollama Modelfile."""
+    missing = _gguf_toolchain_missing()
+    if missing:
+        pytest.skip(missing)
+    result = _execute(workdir, "04_export", "04_export_gguf", EXPORT_FORMATS="lora,merged_16bit,gguf",
+                      GGUF_QUANTIZATIONS="q8_0", EXPORT_DIR="outputs/gguf-export",
+                      ADAPTERS="outputs/demo/model/lora", PROMPT=DEMO_PROMPT,
+                      MAX_NEW_TOKENS=32)
+    gguf = workdir / result["written"]["gguf"]
+    assert sorted(p.name for p in gguf.iterdir()) == ["Modelfile", "gguf_report.json", "sftlib-demo-sft.Q8_0.gguf"]
+    report = json.loads((gguf / "gguf_report.json").read_text())
+    assert [f["ok"] for f in report["files"]] == [True]
+    assert "<|im_end|>" in (gguf / "Modelfile").read_text()
+
+
+@pytest.mark.notebooks
+def test_nbval_reruns_the_notebooks_and_the_checked_cells_agree(data_report, evaluated, exported, workdir):
+    """nbval --nbval-lax re-runs the executed 01, 03 and 04 in the folder of their runs and compares the
+    cells marked `# NBVAL_CHECK_OUTPUT` (sanitized as tests/nbval_sanitize.cfg says).
+
+    00 and 02 are not re-run: their marked cells hold the config and the file list, which their papermill
+    runs above already check, and re-running them would double the training time of this file."""
+    order = ["01_data_and_templates", "03_inference_and_eval", "04_export"]
+    marked = sum(src.startswith("# NBVAL_CHECK_OUTPUT") for n in order for src in _code_cells(_read(n)))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
+         "--sanitize-with", str(SANITIZE), *[f"{n}.ipynb" for n in order]],
+        cwd=workdir, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-6000:]
+    passed = int(re.search(r"(\d+) passed", out.stdout).group(1))
+    assert passed >= marked >= 8
+
+
+@pytest.mark.notebooks
+def test_nbval_catches_a_changed_output(tmp_path):
+    """The comparison above can fail: a marked cell whose stored output differs is reported."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    checked = nbformat.v4.new_code_cell('# NBVAL_CHECK_OUTPUT\nprint("detected format: sharegpt")', execution_count=1)
+    checked.outputs = [nbformat.v4.new_output("stream", name="stdout", text="detected format: alpaca\n")]
+    unchecked = nbformat.v4.new_code_cell('print("anything")', execution_count=2)
+    unchecked.outputs = [nbformat.v4.new_output("stream", name="stdout", text="something else\n")]
+    nb.cells = [checked, unchecked]
+    nbformat.write(nb, tmp_path / "tampered.ipynb")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                          "--nbval-current-env", "--sanitize-with", str(SANITIZE), "tampered.ipynb"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert "1 failed, 1 passed" in out.stdout and "alpaca" in out.stdout, out.stdout[-3000:]
