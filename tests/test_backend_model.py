@@ -68,7 +68,7 @@ def test_pad_equal_to_eos_is_replaced(tiny):
 
 def test_only_the_added_token_rows_are_trained_by_default(tiny):
     model, tokenizer = tiny
-    cfg = RunConfig.preset("cpu-demo")
+    cfg = RunConfig.preset("cpu-demo", {"lora.train_embeddings": "auto"})  # the default; the demo trains all
     info = prepare_tokenizer(model, tokenizer, get_template("chatml"))
     peft_model = add_lora(model, cfg, CPU, train_embeddings=bool(info.added_tokens),
                           new_token_ids=info.added_token_ids)
@@ -93,7 +93,7 @@ def test_train_embeddings_always_trains_whole_matrices(tiny):
 
 def test_lora_without_new_tokens_leaves_embeddings_frozen(tiny):
     model, tokenizer = tiny
-    cfg = RunConfig.preset("cpu-demo")
+    cfg = RunConfig.preset("cpu-demo", {"lora.train_embeddings": "auto"})
     peft_model = add_lora(model, cfg, CPU, train_embeddings=False)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

@@ -442,3 +442,29 @@ def test_nbval_catches_a_changed_output(tmp_path):
                           "--nbval-current-env", "--sanitize-with", str(SANITIZE), "tampered.ipynb"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert "1 failed, 1 passed" in out.stdout and "alpaca" in out.stdout, out.stdout[-3000:]
+
+
+@pytest.mark.notebooks
+def test_a_dummy_token_never_reaches_outputs_or_files(exported, workdir, monkeypatch):
+    """04 with a Hub repo and a token in the environment: the upload fails here (no Hub), and the token
+    appears in no cell output of the executed notebook and in no file the runs wrote."""
+    import papermill
+
+    token = "hf_sftlibDummyTokenNeverShown0123456789"
+    monkeypatch.setenv("HF_TOKEN", token)  # the kernel inherits this environment
+    out = workdir / "04_secret.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError):
+        papermill.execute_notebook(str(REPO / "notebooks" / "04_export.ipynb"), str(out),
+                                   parameters={"PRESET": "cpu-demo", "EXPORT_FORMATS": "lora",
+                                               "ADAPTERS": "outputs/demo/model/lora",
+                                               "EXPORT_DIR": "outputs/secret-export", "HUB_REPO": "someone/demo",
+                                               "PROMPT": DEMO_PROMPT, "MAX_NEW_TOKENS": 8},
+                                   kernel_name="python3", cwd=str(workdir), progress_bar=False,
+                                   execution_timeout=600)
+    assert out.exists() and "someone/demo" in out.read_text()  # it did get as far as the upload
+    scanned = 0
+    for path in workdir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 200 * 2 ** 20:
+            assert token.encode() not in path.read_bytes(), path
+            scanned += 1
+    assert scanned > 20

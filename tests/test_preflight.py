@@ -328,10 +328,9 @@ def mid_model(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sftlib.tiny import build_tokenizer
-    from tests.conftest import CORPUS
 
     folder = tmp_path_factory.mktemp("mid")
-    tokenizer = build_tokenizer(CORPUS, 400)
+    tokenizer = build_tokenizer(["Memory is measured, not guessed.", "Tokens, rows and steps."] * 50, 400)
     tokenizer.pad_token = "<|finetune_right_pad_id|>"
     config = LlamaConfig(vocab_size=16000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
