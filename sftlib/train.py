@@ -292,10 +292,6 @@ def train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callbac
         train_rows = train_rows.remove_columns(drop)
     resume = resolve_resume(cfg, resume_from_checkpoint)
     args = sft_config(cfg, backend)
-    if any(name.endswith("lm_head.token_adapter") for name, _ in model.named_modules()):
-        # TRL's chunked loss multiplies by `lm_head.weight` directly and would miss the trained rows of
-        # added tokens; the plain loss goes through the wrapped head. Costs the full logits' memory.
-        args.loss_type = "nll"
     if cfg.train.save_steps > 0:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         check_free_space(cfg.train.output_dir, trained * ADAM_BYTES_PER_PARAM, "a training checkpoint",

@@ -75,8 +75,11 @@ def test_only_the_added_token_rows_are_trained_by_default(tiny):
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
     rows = {n: p for n, p in trainable.items() if "trainable_tokens" in n}
-    assert {n.split(".token_adapter")[0].rsplit(".", 1)[-1] for n in rows} == {"embed_tokens", "lm_head"}
-    assert all(p.shape[0] == len(info.added_tokens) for p in rows.values())  # two rows each, not the vocab
+    assert {n.split(".token_adapter")[0].rsplit(".", 1)[-1] for n in rows} == {"embed_tokens"}
+    assert all(p.shape[0] == len(info.added_tokens) for p in rows.values())  # two rows, not the vocab
+    # the untied head is trained whole (TRL's loss reads its weight directly)
+    assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
+    assert not any("embed_tokens" in n and "modules_to_save" in n for n in trainable)
     targets = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
     assert targets == set(cfg.lora.target_modules)
 
