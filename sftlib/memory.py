@@ -34,8 +34,11 @@ Measured on the CPU (tests/test_preflight.py runs two of these; a 28 M-parameter
 sftlib.train with TRL, peak resident memory growth): seven configurations (batch x seq 4x256, 8x256,
 2x768, 2x1024; checkpointing on and off; packing on and off; embeddings trained) were within -12% to
 +5%; with checkpointing the estimate is low by 7-12% (about 30 MiB more was always in use).
-Not yet measured: the 4-bit and Unsloth figures on a GPU, which rest on the reasoning above. The time
-is rough: 4 x params FLOPs per token for LoRA (6 x with checkpointing) at 35% of the GPU's dense
+On a GPU (H200, Llama-3.1-8B shape in 4-bit, Unsloth, article hyperparameters, packed 2048-token rows,
+no tokens added; peaks from benchmarks/results/gpu_bench.md) the estimate is 10-14% high: Unsloth's
+checkpointing 8 x 2048: 10.1 estimated / 9.0 measured GiB; no checkpointing 8 x 2048: 75.9 / 66.4;
+no checkpointing 2 x 2048: 23.6 / 21.5. (sftlib.autotune keeps coefficients fitted to those runs for
+its choices.) The transformers (hf backend) figures on a GPU are not measured yet. The time is rough: 4 x params FLOPs per token for LoRA (6 x with checkpointing) at 35% of the GPU's dense
 16-bit peak.
 """
 
