@@ -172,6 +172,11 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     for fmt in formats:
         if fmt not in ("lora", "merged_16bit", "gguf"):
             log(f"export format {fmt!r}: not produced by `train`; run `python -m sftlib export` for it")
+    if result.outputs:  # the model card travels with the files (and is what the Hub shows)
+        from sftlib.card import write_card
+
+        result.outputs["card"] = str(write_card(out, cfg, result, train_ds=train_ds, template=template))
+        log(f"wrote the model card {result.outputs['card']}")
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.train.output_dir) / "run_result.json").write_text(result.to_json())
     if cfg.export.push_to_hub:  # last, so that a failed upload leaves every local output in place

@@ -175,3 +175,8 @@ def test_demo_runs_as_a_user_runs_it(tmp_path):
     assert result["accuracy_before"] < 0.2 and result["accuracy_after"] >= 0.9
     assert (out / "model" / "lora" / "adapter_model.safetensors").exists()
     assert (out / "model" / "merged_16bit" / "model.safetensors").exists()
+    card = (out / "model" / "README.md").read_text()
+    for piece in ("chat template: `chatml`", "`<|im_end|>`", "source `demo`", "| loss |", "| lora |",
+                  "| merged_16bit |", "```yaml", "transformers 5."):
+        assert piece in card, piece
+    assert f"{result['after']['loss']:.4f}" in card
