@@ -21,7 +21,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m sftlib demo
 
 # GGUF export needs llama.cpp's converter and library, built from the llama-cpp-python source archive on
-# PyPI: compiled once per machine (6-8 minutes on 2 cores) into ~/.cache/sftlib/llama-cpp, then
+# PyPI: compiled once per machine (about 8 minutes on 2 cores) into ~/.cache/sftlib/llama-cpp, then
 # reinstalled from that cached wheel in seconds. The GGUF tests fail without it, so `test` installs it.
 gguf-deps: $(GGUF_STAMP)
 

@@ -56,7 +56,7 @@ def render(template, tokenizer, messages: list[dict], add_generation_prompt: boo
 def trained_spans(template, tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of every assistant turn, end-of-turn token included."""
     text = render(template, tokenizer, messages)
-    eot = template.end_of_turn.replace("{eos}", tokenizer.eos_token or "")
+    eot = template.end_of_turn_text(tokenizer.eos_token)
     if not eot:
         raise EncodeError(f"template `{template.name}` ends turns with EOS, but the tokenizer has no `eos_token`")
     spans = []

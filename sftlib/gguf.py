@@ -184,7 +184,7 @@ def export_gguf(
     partial = {t: p.with_name(f".{p.name}.partial-{os.getpid()}") for t, p in {**final, base_type: base_path}.items()}
     _remove_dead_partials(out_dir, stem)
     result = GGUFExportResult(out_dir=str(out_dir), model_name=model_name, settings=asdict(settings))
-    eot = template.end_of_turn.replace("{eos}", settings.eos_token or "")
+    eot = template.end_of_turn_text(settings.eos_token)
     log(f"gguf: BOS {'added' if settings.add_bos else 'not added'}, end of turn {eot!r} (id {settings.eot_token_id}), "
         f"stop tokens {settings.stop_strings}")
     try:

@@ -76,7 +76,7 @@ def gguf_settings(tokenizer, template, add_bos: bool | None = None) -> GGUFSetti
     jinja = template.jinja
     if add_bos and not template.uses_bos:
         jinja = "{{ bos_token }}" + jinja
-    eot = template.end_of_turn.replace("{eos}", eos or "")
+    eot = template.end_of_turn_text(eos)
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot and eot in tokenizer.get_vocab() else None
     return GGUFSettings(chat_template=jinja, add_bos=add_bos, bos_token=bos, eos_token=eos,
                         eos_token_id=tokenizer.eos_token_id, eot_token_id=eot_id,

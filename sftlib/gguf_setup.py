@@ -1,6 +1,6 @@
 """The GGUF toolchain, from PyPI only: llama.cpp's converter and library out of one source archive.
 
-    python -m sftlib.gguf_setup            # first run: download + build (6-8 min on 2 cores); later: seconds
+    python -m sftlib.gguf_setup            # first run: download + build (about 8 min on 2 cores); later: seconds
     python -m sftlib.gguf_setup --check    # say what is there, change nothing (exit 1 when incomplete)
 
     from sftlib.gguf_setup import ensure_toolchain, find_toolchain
@@ -109,7 +109,7 @@ def find_toolchain(*, python: str | None = None, version: str = VERSION) -> Tool
     if source is None:
         raise GGUFToolchainError(
             f"the llama.cpp converter (`convert_hf_to_gguf.py` from {PACKAGE} {version}) is not installed; "
-            "run `python -m sftlib.gguf_setup` once (it builds llama.cpp: 6-8 minutes on 2 cores, "
+            "run `python -m sftlib.gguf_setup` once (it builds llama.cpp: about 8 minutes on 2 cores, "
             "then cached), or set `SFTLIB_LLAMA_CPP_DIR` to a llama.cpp checkout"
         )
     wheel = next((w for c in cache_folders() if (w := _find_wheel(c, version))), None)
@@ -184,7 +184,7 @@ def _build_wheel(cache: Path, sdist: Path, version: str, python: str, jobs: int,
     out = _wheel_dir(cache)
     out.mkdir(parents=True, exist_ok=True)
     log(f"gguf setup: building llama.cpp ({PACKAGE} {version}, CMAKE_ARGS={CMAKE_ARGS!r}, {jobs} jobs); "
-        "this runs once per machine and takes 6-8 minutes on 2 cores")
+        "this runs once per machine and takes about 8 minutes on 2 cores")
     env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
     start = time.time()
     with tempfile.TemporaryDirectory(dir=cache) as tmp:

@@ -183,7 +183,7 @@ def prepare_tokenizer(model, tokenizer, template) -> TokenizerInfo:
         tokenizer.add_tokens(missing, special_tokens=True)
         info.added_tokens = missing
         info.added_token_ids = tokenizer.convert_tokens_to_ids(missing)
-    eot = template.end_of_turn.replace("{eos}", tokenizer.eos_token or "")
+    eot = template.end_of_turn_text(tokenizer.eos_token)
     pad = tokenizer.pad_token
     if pad is None or pad in (tokenizer.eos_token, eot):
         # pad = EOS is the classic bug: the collator masks padding, and with it every EOS the model should learn.

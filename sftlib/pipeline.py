@@ -171,7 +171,7 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
                                                     log=log)["gguf"]
     for fmt in formats:
         if fmt not in ("lora", "merged_16bit", "gguf"):
-            log(f"export format {fmt!r}: not produced by `train`; run `python -m sftlib export` for it")
+            log(f"export format {fmt!r}: sftlib cannot write it yet; nothing was written for it")
     if result.outputs:  # the model card travels with the files (and is what the Hub shows)
         from sftlib.card import write_card
 

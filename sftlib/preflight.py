@@ -81,7 +81,7 @@ def _check_tokenizer(tokenizer, template, findings: list[Finding]) -> int | None
     if "{eos}" in template.end_of_turn and not eos:
         findings.append(Finding(FATAL, "no_eos_token", f"template `{template.name}` ends each turn with EOS, but the "
                                 "tokenizer has no `eos_token`; set `tokenizer.eos_token` or pick another template"))
-    eot = template.end_of_turn.replace("{eos}", eos or "")
+    eot = template.end_of_turn_text(eos)
     for text in dict.fromkeys([*template.special_tokens, eot]):
         if not text:
             continue
@@ -208,7 +208,7 @@ def preflight(cfg, tokenizer, template, train_rows, *, raw_rows=None, model=None
 def _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut) -> None:
     add, checked, limit = report.findings.append, report.rows_checked, report.max_seq_length
     of = f"of the {checked} rows checked"
-    eot = template.end_of_turn.replace("{eos}", tokenizer.eos_token or "")
+    eot = template.end_of_turn_text(tokenizer.eos_token)
     if report.tokens:
         shares = report.row_shares
         add(Finding(INFO, "trained_share", (

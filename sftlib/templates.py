@@ -127,6 +127,10 @@ class ChatTemplate:
         )
         return rendered[0]
 
+    def end_of_turn_text(self, eos_token: str | None) -> str:
+        """`end_of_turn` with "{eos}" resolved to the tokenizer's EOS ("" when it has none)."""
+        return self.end_of_turn.replace(EOS, eos_token or "")
+
     def stop_strings(self, eos_token: str | None) -> list[str]:
         """`stop_tokens` with "{eos}" resolved, without duplicates; no eos entry when it is unknown."""
         out: list[str] = []

@@ -81,7 +81,7 @@ def _peak_rss_gib() -> float:
     return kib / (1024 ** 2) if sys.platform != "darwin" else kib / (1024 ** 3)
 
 
-def sft_config(cfg, backend, *, has_eval: bool = False):
+def sft_config(cfg, backend):
     """The `trl.SFTConfig` for `cfg`: every value comes from the run config, nothing hidden."""
     import torch
     from trl import SFTConfig
