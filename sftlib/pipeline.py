@@ -46,11 +46,9 @@ def _is_main_process() -> bool:
     """False only on the non-zero ranks of a multi-process (accelerate/torchrun) launch."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return True
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    # The launchers (torchrun, accelerate launch) set RANK. accelerate's PartialState, asked before the
+    # trainer has set up the process group, can answer "main" on every CPU rank: both then saved.
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _silent(_: str) -> None:

@@ -65,7 +65,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, tmp_
     # On GPUs `accelerate launch --multi_gpu` starts ranks through torch's launcher; on the CPU accelerate
     # only offers mpirun, so the ranks are started with torch's launcher directly (gloo backend).
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
-    _run([*launch, "-m", "sftlib", "train", "--config", str(double)], tmp_path)
+    proc = _run([*launch, "-m", "sftlib", "train", "--config", str(double)], tmp_path)
+    assert proc.stdout.count("saved LoRA adapters") == 1  # only rank 0 saves (two ranks raced on the rename)
 
     one = load_file(tmp_path / "single" / "model" / "lora" / "adapter_model.safetensors")
     two = load_file(tmp_path / "ddp" / "model" / "lora" / "adapter_model.safetensors")
