@@ -285,7 +285,7 @@ def train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callbac
     import torch
     from trl import SFTTrainer
 
-    from sftlib.export import check_free_space
+    from sftlib.save import check_free_space
 
     drop = [c for c in train_rows.column_names if c not in ("input_ids", "labels")]
     if drop:

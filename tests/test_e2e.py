@@ -91,7 +91,7 @@ def test_generation_stops_at_end_of_turn(trained):
 
 
 def test_adapters_reload_and_merge_give_the_same_logits(trained):
-    from sftlib.export import load_adapters, save_adapters, save_merged
+    from sftlib.save import load_adapters, save_adapters, save_merged
     from transformers import AutoModelForCausalLM
 
     cfg, model, tokenizer, tmp = trained["cfg"], trained["model"], trained["tokenizer"], trained["tmp"]
@@ -129,7 +129,7 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     from sftlib.backend import choose_backend
     from sftlib.data import load_dataset
     from sftlib.encode import encode_dataset
-    from sftlib.export import load_adapters, save_adapters, save_merged
+    from sftlib.save import load_adapters, save_adapters, save_merged
     from sftlib.model import add_lora, load_model, prepare_tokenizer
     from sftlib.templates import get_template
     from sftlib.train import train

@@ -27,7 +27,7 @@ import yaml
 from safetensors.torch import load_file
 
 from sftlib.config import RunConfig
-from sftlib.export import DiskSpaceError, atomic_dir, check_free_space, save_adapters, save_merged
+from sftlib.save import DiskSpaceError, atomic_dir, check_free_space, save_adapters, save_merged
 from sftlib.train import MARKER, CheckpointError, checkpoint_problem, latest_checkpoint, resolve_resume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_latest_checkpoint_skips_half_written_and_damaged_ones(tmp_path):
 CRASHING_SAVE = '''
 import os, sys, time
 from pathlib import Path
-from sftlib.export import atomic_dir
+from sftlib.save import atomic_dir
 with atomic_dir(sys.argv[1]) as tmp:
     (tmp / "adapter_model.safetensors").write_bytes(b"partial")
     Path(sys.argv[2]).write_text("writing")

@@ -165,7 +165,7 @@ def test_the_training_path_never_imports_widgets():
         text = path.read_text(encoding="utf-8")
         for name in ("ipywidgets", "IPython", "sftlib.widgets", "sftlib.notebook"):
             assert f"import {name}" not in text and f"from {name}" not in text, f"{path.name} imports {name}"
-    code = ("import sys, sftlib.pipeline, sftlib.train, sftlib.model, sftlib.export, sftlib.infer, "
+    code = ("import sys, sftlib.pipeline, sftlib.train, sftlib.model, sftlib.save, sftlib.infer, "
             "sftlib.evaluate, sftlib.cli, sftlib.config; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ipywidgets', 'IPython', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
