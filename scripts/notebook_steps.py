@@ -268,7 +268,7 @@ TRAIN = Notebook(
         from sftlib.backend import choose_backend, resolve
         from sftlib.data import load_dataset
         from sftlib.encode import encode_dataset
-        from sftlib.export import save_adapters
+        from sftlib.save import save_adapters
         from sftlib.model import add_lora, load_model, prepare_tokenizer
         from sftlib.preflight import preflight
         from sftlib.templates import get_template
@@ -422,7 +422,7 @@ EVALUATE = Notebook(
         from sftlib.data import load_dataset
         from sftlib.encode import encode_dataset
         from sftlib.evaluate import accuracy, answers, heldout_loss, side_by_side
-        from sftlib.export import load_adapters
+        from sftlib.save import load_adapters
         from sftlib.infer import chat
         from sftlib.templates import get_template
         from sftlib.widgets import ConfigForm
@@ -519,17 +519,18 @@ EXPORT = Notebook(
 
         from sftlib import notebook as nb
         from sftlib.backend import choose_backend
-        from sftlib.export import load_adapters, save_adapters, save_merged
-        from sftlib.gguf import export_from_config
+        from sftlib.save import load_adapters
+        from sftlib.exporter import export
         from sftlib.gguf_setup import ensure_toolchain
-        from sftlib.hub import push_folder
+        from sftlib.hub import push_folder, push_plan
         from sftlib.infer import chat
         from sftlib.templates import get_template
         from sftlib.widgets import ConfigForm
         """,
     params=[
         PRESET, MODEL_NAME, EXPORT_DIR, ADAPTERS,
-        Param("EXPORT_FORMATS", None, 'comma-separated: lora, merged_16bit, gguf; None: the preset\'s', "export.formats"),
+        Param("EXPORT_FORMATS", None, 'comma-separated: lora, merged_16bit, merged_4bit, gguf; None: the preset\'s',
+              "export.formats"),
         GGUF_QUANTIZATIONS,
         Param("PROMPT", "Is 9.11 larger than 9.9?", "asked of the merged model, to check that it loads and stops"),
         MAX_NEW_TOKENS, HUB_REPO, RESULTS_PATH,
@@ -540,39 +541,27 @@ EXPORT = Notebook(
         *GGUF_TOOLCHAIN,
         *LOAD_ADAPTERS,
         md("""
-            ## Save the adapters
+            ## Export: each format written, loaded back and checked
 
-            Tens of megabytes for an 8B model: share these when the other side has the base model. They
-            carry the fitted tokenizer and the template's stop tokens.
+            One call writes what `export.formats` asks for, and the adapters always:
+            - `lora`: the adapters, tens of megabytes for an 8B model, with the fitted tokenizer and the
+              template's stop tokens; share these when the other side has the base model;
+            - `merged_16bit`: the base reloaded in bfloat16 (dequantized when it is stored in 4-bit) with
+              the adapters merged in: needs neither PEFT nor the 4-bit weights training used;
+            - `merged_4bit`: that, quantized to NF4 by bitsandbytes;
+            - `gguf`: one conversion with llama.cpp's converter, then one file per quantization, with the
+              chat template and stop tokens of training inside, and an Ollama Modelfile.
+
+            Each output is then loaded back the way you would load it and held to the model in memory on
+            prompts from your data: the same greedy answer and the same stop at the end of turn (quantized
+            files report how close they come). Everything is written under a temporary name and renamed
+            when complete; a file that fails its check is kept aside as `NAME.failed` and the cell stops
+            with the reason.
             """),
         code("""
             out = Path(cfg.export.output_dir)
-            written = {}
-            if {"lora", "merged_16bit", "gguf"} & set(cfg.export.formats):
-                written["lora"] = save_adapters(model, tokenizer, out / "lora")
-            """),
-        md("""
-            ## Merge into a 16-bit model
-
-            The base is reloaded in bfloat16 and the adapters merged into it, so the result needs neither
-            PEFT nor the 4-bit weights training used. GGUF files are converted from it. Written under a
-            temporary name and renamed when complete.
-            """),
-        code("""
-            if {"merged_16bit", "gguf"} & set(cfg.export.formats):
-                written["merged_16bit"] = save_merged(cfg.model.name, written["lora"], out / "merged_16bit")
-            """),
-        md("""
-            ## GGUF files and an Ollama Modelfile
-
-            One conversion with llama.cpp's converter, then one file per quantization, each loaded back in
-            llama.cpp and checked against the merged model (same tokens, answers that stop at the
-            end-of-turn token) before it gets its final name. The chat template and stop tokens of
-            training go into the files and the Modelfile.
-            """),
-        code("""
-            if "gguf" in cfg.export.formats:
-                written.update(export_from_config(cfg, written["lora"], merged=written["merged_16bit"]))
+            report = export(model, tokenizer, cfg, ["lora", *cfg.export.formats], out=out)
+            written = report.outputs
             """),
         code("""
             # NBVAL_CHECK_OUTPUT
@@ -599,13 +588,21 @@ EXPORT = Notebook(
         md("""
             ## Upload to the Hugging Face Hub
 
-            Only when `HUB_REPO` names a repository (private unless `export.hub_private` is off). The token
-            comes from the `HF_TOKEN` environment variable or the Colab secret of that name; it is never
-            printed, and a folder with a file containing it is refused.
+            Only when `HUB_REPO` names a repository (private unless `export.hub_private` is off), to the
+            branch `export.hub_revision`. First a dry run shows the plan: every file that will be sent with
+            its size, and what stays here (temporary files, GGUF files that failed their check). Then exactly
+            those files go up in one commit. The token comes from the `HF_TOKEN` environment variable or the
+            Colab secret of that name; it is never printed, and a plan with a file containing it is refused.
             """),
         code("""
             if cfg.export.push_to_hub:
-                written["hub"] = push_folder(out, cfg.export.hub_repo, private=cfg.export.hub_private)
+                plan = push_folder(out, cfg.export.hub_repo, revision=cfg.export.hub_revision,
+                                   private=cfg.export.hub_private, dry_run=True)  # no token, no network yet
+                print(plan.table())
+            """),
+        code("""
+            if cfg.export.push_to_hub:
+                written["hub"] = push_plan(plan)
                 print(written["hub"])
             """),
     ],

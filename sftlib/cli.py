@@ -1,11 +1,14 @@
-"""Command line: `python -m sftlib demo | train | preflight`.
+"""Command line: `python -m sftlib demo | train | config | export | preflight | push`.
 
     python -m sftlib demo                                  # the offline CPU demo
     python -m sftlib train --config run.yaml               # a run from a YAML (or JSON) config
     python -m sftlib train --preset colab-t4 --set lora.r=32 --set train.max_steps=60
     python -m sftlib config --preset article               # print a resolved config as YAML
-    python -m sftlib export --config run.yaml --adapter model/lora   # merge + GGUF + Modelfile, verified
+    python -m sftlib export --model model/lora --formats lora,merged_16bit,gguf:q4_k_m --out exported
+    python -m sftlib export --config run.yaml --model model/lora   # export.formats of the config, each verified
     python -m sftlib preflight --config run.yaml --gpu T4  # checks without loading weights; exit 1 if fatal
+    python -m sftlib push --folder model --repo me/my-model --dry-run   # what would be uploaded; no token needed
+    python -m sftlib push --folder model --repo me/my-model [--revision v1] [--public]   # show it, then upload
 """
 
 from __future__ import annotations
@@ -55,18 +58,32 @@ def main(argv: list[str] | None = None) -> int:
     p_pre.add_argument("--gpu", help="GPU to check the memory against: T4, A100, H100 or a size in GiB "
                                      "(default: the preset's GPU, or the one in this machine)")
     p_pre.add_argument("--rows", type=int, default=2000, help="rows to check (a seeded sample; default 2000)")
-    p_export = sub.add_parser("export", help="merge saved adapters, write verified GGUF files and an Ollama Modelfile")
+    p_push = sub.add_parser("push", help="upload an export folder to the Hugging Face Hub, showing the files first")
+    p_push.add_argument("--folder", required=True, help="the export folder (export.output_dir, e.g. `model`)")
+    p_push.add_argument("--repo", required=True, help="Hub model repository `owner/name`")
+    p_push.add_argument("--revision", default="main", help="branch to upload to, created when missing (default main)")
+    p_push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    p_push.add_argument("--dry-run", action="store_true", help="only show what would be uploaded; needs no token")
+    p_export = sub.add_parser("export", help="write adapters, merged models and GGUF files, each verified")
     _add_config_args(p_export)
-    p_export.add_argument("--adapter", required=True, help="folder of the saved LoRA adapters (`train` writes OUT/lora)")
+    p_export.add_argument("--model", "--adapter", dest="model", required=True,
+                          help="folder of saved LoRA adapters (`train` writes OUT/lora) or of a merged model")
+    p_export.add_argument("--formats", help="comma-separated: lora, merged_16bit, merged_4bit, gguf (the types in "
+                                            "export.gguf_quantizations), gguf:TYPE (default: export.formats)")
     p_export.add_argument("--out", help="folder to write to (default: export.output_dir)")
+    p_export.add_argument("--template", help="chat template used in training (default: the config's, or the one "
+                                             "the saved tokenizer carries)")
     p_export.add_argument("--pre-tokenizer", help="llama.cpp pre-tokenizer for a BPE tokenizer the converter does "
                                                   "not know, e.g. llama-bpe, or `auto` to read it from tokenizer.json")
-    p_export.add_argument("--no-verify", action="store_true", help="skip running each GGUF in llama.cpp (not advised)")
+    p_export.add_argument("--no-verify", action="store_true", help="skip loading each output back and checking it "
+                                                                   "(not advised)")
     if argv[:1] == ["demo"]:
         from sftlib.demo import main as demo_main
 
         return demo_main(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "push":  # no run config: a folder and a repository are all it needs
+        return _push(args)
     from sftlib.config import ConfigError
 
     try:
@@ -91,16 +108,38 @@ def main(argv: list[str] | None = None) -> int:
             print(redact(report.to_ansi() if sys.stdout.isatty() else report.to_text()))
             return 1 if report.fatal else 0
         if args.command == "export":
-            from sftlib.gguf import export_from_config
+            from sftlib.exporter import export, load_for_export
 
-            export_from_config(cfg, args.adapter, out=args.out, pre_tokenizer=args.pre_tokenizer,
-                               verify=not args.no_verify, log=lambda line: print(redact(line)))
+            given = args.config or args.preset or args.set
+            model, tokenizer, cfg = load_for_export(args.model, cfg if given else None)
+            if args.template:
+                cfg = cfg.with_overrides({"model.chat_template": args.template})
+            export(model, tokenizer, cfg, args.formats, out=args.out, verify=not args.no_verify,
+                   pre_tokenizer=args.pre_tokenizer, log=lambda line: print(redact(line)))
         else:
             run(cfg, log=lambda line: print(redact(line)))
     except Exception as exc:
         if not _user_error(exc):
             raise
         # sftlib's own errors already say what is wrong and what to do: no traceback through the dependencies
+        print(f"error: {redact(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _push(args) -> int:
+    """`push`: print the upload plan; unless --dry-run, upload exactly it. Exit 2 with one line on a HubError."""
+    from sftlib.hub import HubError, push_plan, redact, redact_logging, upload_plan
+
+    redact_logging()
+    try:
+        plan = upload_plan(args.folder, args.repo, revision=args.revision, private=not args.public)
+        print(plan.table())
+        if args.dry_run:
+            print("dry run: nothing was uploaded")
+            return 0
+        print(f"uploaded to {push_plan(plan)}")
+    except HubError as exc:
         print(f"error: {redact(exc)}", file=sys.stderr)
         return 2
     return 0

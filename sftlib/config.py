@@ -29,6 +29,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from sftlib.hub import repo_problems, revision_problems
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 LORA_BIASES = ("none", "all", "lora_only")
@@ -182,9 +184,13 @@ class ExportConfig:
     gguf_quantizations: list[str] = _field(["q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q8_0"],
                                            "llama.cpp quantization types, one GGUF file each.",
                                            choices=GGUF_QUANTIZATIONS)
+    gguf_pre_tokenizer: str = _field("", "llama.cpp pre-tokenizer for a BPE tokenizer its converter does not know "
+                                         "(e.g. llama-bpe, qwen2, gpt-2, or auto: read it from tokenizer.json); "
+                                         "empty: the converter recognizes it.")
     push_to_hub: bool = _field(False, "Upload the exports to the Hugging Face Hub (needs hub_repo and a token).")
     hub_repo: str = _field("", "Hub repository `owner/name` to upload to.")
     hub_private: bool = _field(True, "Create the Hub repository as private.")
+    hub_revision: str = _field("main", "Branch of the Hub repository to upload to; created from main when missing.")
 
 
 _SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
@@ -459,8 +465,9 @@ class RunConfig:
                     p.append(_TOKEN_ADVICE.format(key=key))
         if e.push_to_hub and not e.hub_repo:
             p.append("`export.push_to_hub` is true but `export.hub_repo` is empty; set it to `owner/name`")
-        elif e.hub_repo and (e.hub_repo.count("/") != 1 or "" in e.hub_repo.split("/")):
-            p.append(f"`export.hub_repo` must look like `owner/name`, got {e.hub_repo!r}")
+        elif e.hub_repo:
+            p += repo_problems(e.hub_repo, "export.hub_repo")
+        p += revision_problems(e.hub_revision, "export.hub_revision")
         return p
 
 

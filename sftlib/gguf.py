@@ -139,7 +139,7 @@ def export_gguf(
     fine-tuned model answers; `max_new_tokens` bounds the reference replies. Raises GGUFVerifyError
     after writing everything else when a file fails its checks.
     """
-    from sftlib.export import check_free_space
+    from sftlib.save import check_free_space
     from sftlib.gguf_setup import find_toolchain
     from sftlib.modelfile import write_modelfile
     from sftlib.templates import get_template
@@ -243,34 +243,6 @@ def export_gguf(
         raise GGUFVerifyError("GGUF verification failed (files kept aside as *.gguf.failed, details in "
                               f"{result.report_path}):\n" + "\n".join(f"  - {x}" for x in failed))
     return result
-
-
-def export_from_config(cfg, adapter_dir: str | Path, *, out: str | Path | None = None, merged: str | Path | None = None,
-                       pre_tokenizer: str | None = None, verify: bool = True, conversations=None,
-                       log: Callable[[str], None] = print) -> dict:
-    """What `python -m sftlib export` does: merge the adapters (unless `merged` is given) and write the
-    GGUF files, Modelfile and report for `cfg.export`; returns {format: path}."""
-    from sftlib.export import save_merged
-    from sftlib.gguf_verify import config_conversations
-
-    out = Path(out or cfg.export.output_dir)
-    formats = cfg.export.formats
-    outputs: dict = {}
-    if merged is None and ("merged_16bit" in formats or "gguf" in formats):
-        merged = save_merged(cfg.model.name, adapter_dir, out / "merged_16bit")
-        log(f"saved merged 16-bit model to {merged}")
-    if merged is not None:
-        outputs["merged_16bit"] = str(merged)
-    if "gguf" in formats:
-        base = "sftlib-demo" if cfg.model.name == "demo" else Path(str(cfg.model.name).rstrip("/")).name
-        if pre_tokenizer is None and cfg.model.name == "demo":
-            pre_tokenizer = "gpt-2"  # the demo's tokenizer is sftlib.tiny's: byte-level BPE with GPT-2's split
-        result = export_gguf(merged, out / "gguf", cfg.export.gguf_quantizations, template=cfg.model.chat_template,
-                             model_name=f"{base}-sft", pre_tokenizer=pre_tokenizer, verify=verify,
-                             conversations=conversations if conversations is not None else config_conversations(cfg),
-                             log=log)
-        outputs["gguf"] = result.out_dir
-    return outputs
 
 
 def verify_gguf(*args, **kwargs):

@@ -62,7 +62,6 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     from sftlib.data import load_dataset
     from sftlib.encode import encode_dataset
     from sftlib.evaluate import accuracy, answers, heldout_loss, side_by_side
-    from sftlib.export import save_adapters, save_merged
     from sftlib.model import add_lora, load_model, prepare_tokenizer
     from sftlib.templates import get_template
     from sftlib.train import train
@@ -155,21 +154,14 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
             log(side_by_side(before_answers[:show_answers], after_answers[:show_answers]))
 
     out = Path(cfg.export.output_dir)
-    formats = cfg.export.formats
-    if "lora" in formats or "merged_16bit" in formats or "gguf" in formats:
-        result.outputs["lora"] = str(save_adapters(model, tokenizer, out / "lora"))
-        log(f"saved LoRA adapters to {result.outputs['lora']}")
-    if "merged_16bit" in formats or "gguf" in formats:  # GGUF files are converted from the merged model
-        result.outputs["merged_16bit"] = str(save_merged(cfg.model.name, out / "lora", out / "merged_16bit"))
-        log(f"saved merged 16-bit model to {result.outputs['merged_16bit']}")
-    if "gguf" in formats:
-        from sftlib.gguf import export_from_config
+    if cfg.export.formats:
+        from sftlib.exporter import export
 
-        result.outputs["gguf"] = export_from_config(cfg, out / "lora", merged=result.outputs["merged_16bit"],
-                                                    log=log)["gguf"]
-    for fmt in formats:
-        if fmt not in ("lora", "merged_16bit", "gguf"):
-            log(f"export format {fmt!r}: sftlib cannot write it yet; nothing was written for it")
+        # the adapters are what the training made: always kept, whatever else is asked for
+        formats = list(dict.fromkeys(["lora", *cfg.export.formats]))
+        report = export(model, tokenizer, cfg, formats, out=out, template=template, log=log)
+        result.outputs.update(report.outputs)
+        result.outputs["export_report"] = report.report_path
     if result.outputs:  # the model card travels with the files (and is what the Hub shows)
         from sftlib.card import write_card
 
@@ -178,9 +170,11 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.train.output_dir) / "run_result.json").write_text(result.to_json())
     if cfg.export.push_to_hub:  # last, so that a failed upload leaves every local output in place
-        from sftlib.hub import push_folder
+        from sftlib.hub import push_plan, upload_plan
 
-        result.outputs["hub"] = push_folder(out, cfg.export.hub_repo, private=cfg.export.hub_private)
+        plan = upload_plan(out, cfg.export.hub_repo, revision=cfg.export.hub_revision, private=cfg.export.hub_private)
+        log(plan.table())  # what is uploaded is exactly this list
+        result.outputs["hub"] = push_plan(plan)
         log(f"uploaded {out} to {result.outputs['hub']}")
         (Path(cfg.train.output_dir) / "run_result.json").write_text(result.to_json())
     result.model, result.tokenizer, result.template_obj = model, tokenizer, template

@@ -307,7 +307,7 @@ def test_killed_export_leaves_only_hidden_temporary_files(chatml_dir, tmp_path):
 def test_disk_space_is_checked_before_anything_is_written(chatml_dir, exported, tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from sftlib.export import DiskSpaceError
+    from sftlib.save import DiskSpaceError
 
     written = sum(f.bytes for f in exported[0].files)
     estimate = estimate_bytes(chatml_dir, SWEEP, "bf16")
@@ -381,7 +381,7 @@ def test_cli_export_merges_adapters_and_writes_verified_gguf(chatml_dir, tmp_pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftlib.export import save_adapters
+    from sftlib.save import save_adapters
 
     base = AutoModelForCausalLM.from_pretrained(chatml_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(chatml_dir)
@@ -406,7 +406,8 @@ def test_cli_export_merges_adapters_and_writes_verified_gguf(chatml_dir, tmp_pat
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     gguf_dir = tmp_path / "model" / "gguf"
-    assert (tmp_path / "model" / "merged_16bit" / "model.safetensors").is_file()
+    # only what was asked for stays: the merged model the GGUF came from was a step, not an output
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["export_report.json", "gguf"]
     report = json.loads((gguf_dir / "gguf_report.json").read_text())
     (q8,) = report["files"]
     assert q8["ok"] and Path(q8["path"]).name == "merged_16bit-sft.Q8_0.gguf" and Path(q8["path"]).is_file()

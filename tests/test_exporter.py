@@ -1,0 +1,196 @@
+"""`sftlib.export(...)` and `python -m sftlib export --model DIR --formats ...`: every format written,
+loaded back and checked against the model in memory, on a tiny model trained here on the CPU.
+
+    pytest tests/test_exporter.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftlib.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PAIRS = [("Which colour is the sky?", "The colour is blue."), ("What colour is the sky?", "The colour is blue.")]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """The tiny model fine-tuned until it answers and stops (LoRA in memory, float32)."""
+    from sftlib.backend import choose_backend, resolve
+    from sftlib.data import load_dataset
+    from sftlib.encode import encode_dataset
+    from sftlib.model import add_lora, load_model, prepare_tokenizer
+    from sftlib.templates import get_template
+    from sftlib.train import train
+
+    tmp = tmp_path_factory.mktemp("exporter")
+    data = tmp / "chat.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+                            + "\n" for q, a in PAIRS * 32))
+    cfg = RunConfig.preset("cpu-demo").with_overrides({
+        "model.name": str(tiny_model_dir), "data.source": str(data), "data.eval_size": 0,
+        "train.max_steps": 40, "train.warmup_steps": 2, "train.batch_size": 4, "train.learning_rate": 1e-2,
+        "train.output_dir": str(tmp / "out"), "export.output_dir": str(tmp / "model"),
+        "export.gguf_quantizations": ["q8_0"], "export.gguf_pre_tokenizer": "auto",
+    })
+    backend = choose_backend(cfg.backend)
+    resolve(cfg, backend)
+    template = get_template(cfg.model.chat_template)
+    train_ds, _ = load_dataset(cfg.data)
+    model, tokenizer = load_model(cfg, backend)
+    info = prepare_tokenizer(model, tokenizer, template)
+    rows = encode_dataset(train_ds, tokenizer, template, max_length=cfg.model.max_seq_length)
+    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens), new_token_ids=info.added_token_ids)
+    train(cfg, model, tokenizer, rows, backend=backend)
+    model.eval()
+    return dict(cfg=cfg, model=model, tokenizer=tokenizer, tmp=tmp)
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    import sftlib
+
+    lines = []
+    report = sftlib.export(trained["model"], trained["tokenizer"], trained["cfg"],
+                           formats=["lora", "merged_16bit", "merged_4bit", "gguf", "gguf:f16"], log=lines.append)
+    return report, "\n".join(lines)
+
+
+def test_parse_formats():
+    from sftlib.exporter import ExportError, parse_formats
+
+    assert parse_formats("lora,merged_16bit,gguf:q4_k_m,gguf:q8_0") == (["lora", "merged_16bit"], ["q4_k_m", "q8_0"])
+    assert parse_formats(["gguf", "gguf:F16", "merged_4bit"], ["q8_0", "q2_k"]) == (["merged_4bit"], ["q8_0", "q2_k", "f16"])
+    with pytest.raises(ExportError) as err:
+        parse_formats(["lora", "merged_8bit", "gguf:q9_k", "gguf:iq2_xxs"])
+    text = str(err.value)  # every problem at once, each named
+    assert "`merged_8bit`" in text and "q9_k" in text and "importance matrix" in text
+    with pytest.raises(ExportError, match="export.gguf_quantizations"):
+        parse_formats(["gguf"], [])
+    with pytest.raises(ExportError, match="no format"):
+        parse_formats("")
+
+
+def test_every_format_is_written_and_verified(exported, trained):
+    report, log = exported
+    out = Path(trained["cfg"].export.output_dir)
+    assert report.ok, report.table()
+    assert [w.format for w in report.items] == ["lora", "merged_16bit", "merged_4bit", "gguf:q8_0", "gguf:f16"]
+    for w in report.items:
+        assert w.ok is True and Path(w.path).exists() and w.bytes > 0 and w.seconds >= 0
+        assert w.check["stop_expected"] == w.check["stopped"] == 3, (w.format, w.check)  # it answers and stops
+    lora, merged, four = report.items[:3]
+    assert lora.check["max_abs_dlogit"] <= 1e-3 and lora.check["greedy_identical"] == 3
+    assert merged.check["greedy_identical"] == 3 and merged.check["top1_agreement"] >= 0.95
+    assert (out / "lora" / "adapter_config.json").is_file()
+    assert not json.loads((out / "merged_16bit" / "config.json").read_text()).get("quantization_config")
+    quant = json.loads((out / "merged_4bit" / "config.json").read_text())["quantization_config"]
+    assert quant["load_in_4bit"] and quant["bnb_4bit_quant_type"] == "nf4"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no scratch or temporary folder left
+    saved = json.loads((out / "export_report.json").read_text())
+    assert [i["format"] for i in saved["items"]] == [w.format for w in report.items]
+    table = report.table()
+    assert table in log and "merged_4bit" in table and table.count(" ok ") == 5
+
+
+def test_merged_4bit_loads_in_plain_transformers_as_4bit(exported):
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    report, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(report.paths["merged_4bit"])
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+
+
+def test_a_broken_write_is_reported_and_kept_aside(trained, monkeypatch):
+    """Sabotage the merge after it is written: the check must catch it, name it, and keep the folder aside."""
+    from safetensors.torch import load_file, save_file
+
+    import sftlib.save
+    from sftlib.exporter import ExportVerifyError, export
+
+    real = sftlib.save.save_merged
+
+    def broken(*args, **kwargs):
+        folder = real(*args, **kwargs)
+        weights = load_file(folder / "model.safetensors")
+        name = next(k for k in weights if k.endswith("layers.1.mlp.down_proj.weight"))
+        weights[name] = weights[name] * 8
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    monkeypatch.setattr(sftlib.save, "save_merged", broken)
+    out = trained["tmp"] / "broken"
+    with pytest.raises(ExportVerifyError, match="merged_16bit"):
+        export(trained["model"], trained["tokenizer"], trained["cfg"], ["lora", "merged_16bit"], out=out,
+               log=lambda s: None)
+    assert (out / "merged_16bit.failed").is_dir() and not (out / "merged_16bit").exists()
+    assert (out / "lora").is_dir()
+    saved = json.loads((out / "export_report.json").read_text())
+    assert [(i["format"], i["ok"]) for i in saved["items"]] == [("lora", True), ("merged_16bit", False)]
+
+
+def test_merged_16bit_from_a_base_stored_in_4bit_is_a_plain_16bit_model(trained, tmp_path):
+    """An `...-bnb-4bit` base: the merge dequantizes it first instead of writing a 4-bit model again."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from sftlib.save import load_adapters, save_adapters, save_merged
+
+    base_dir = Path(trained["cfg"].model.name)
+    quantized = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    quantized.save_pretrained(tmp_path / "base-bnb-4bit")
+    tokenizer.save_pretrained(tmp_path / "base-bnb-4bit")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base-bnb-4bit"),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    save_adapters(model, tokenizer, tmp_path / "lora")
+    folder = save_merged(str(tmp_path / "base-bnb-4bit"), tmp_path / "lora", tmp_path / "merged", dtype="float32")
+    config = json.loads((folder / "config.json").read_text())
+    assert not config.get("quantization_config")
+    merged = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(merged.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    reference, _ = load_adapters(str(tmp_path / "base-bnb-4bit"), tmp_path / "lora")  # 4-bit base + adapters
+    ids = torch.tensor([tokenizer("The capital of France is Paris.")["input_ids"]])
+    with torch.no_grad():
+        diff = (merged(ids).logits - reference(ids).logits).abs().max().item()
+    assert diff < 1e-3, diff  # the dequantized weights are the 4-bit values exactly; the merge adds float error only
+
+
+def test_cli_export_from_an_adapter_folder(trained):
+    """`python -m sftlib export --model DIR --formats ... --out DIR` in a fresh process, no config: the base
+    comes from the adapters, the template from the saved tokenizer."""
+    from sftlib.save import save_adapters
+
+    tmp = trained["tmp"]
+    save_adapters(trained["model"], trained["tokenizer"], tmp / "cli-lora")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "sftlib", "export", "--model", str(tmp / "cli-lora"), "--formats",
+                           "lora,merged_16bit", "--out", str(tmp / "cli-out")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp / "cli-out" / "export_report.json").read_text())
+    assert [(i["format"], i["ok"]) for i in report["items"]] == [("lora", True), ("merged_16bit", True)]
+    assert "merged_16bit" in proc.stdout and "verification" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "sftlib", "export", "--model", str(tmp / "cli-lora"), "--formats",
+                          "lora,gguf:q9", "--out", str(tmp / "cli-bad")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert bad.returncode == 2 and "q9" in bad.stderr and "Traceback" not in bad.stderr
+    empty = tmp / "not-a-model"
+    empty.mkdir()
+    none = subprocess.run([sys.executable, "-m", "sftlib", "export", "--model", str(empty), "--formats", "lora"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert none.returncode == 2 and "adapter_config.json" in none.stderr and "Traceback" not in none.stderr
