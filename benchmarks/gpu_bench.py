@@ -58,6 +58,9 @@ SETTINGS = {
     "sftlib:auto-15GiB": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15),
     "unsloth:nogc-8x2": dict(gc="false", batch=8, accum=2),
     "unsloth:nogc-4x4": dict(gc="false", batch=4, accum=4),
+    # SFTLIB_PACKED_VARLEN=0: sftlib without its packed-attention kernel (sftlib/packed_attention.py)
+    "sftlib:auto-novarlen": dict(gc="auto", auto_batch=True, batch=8, accum=2, env={"SFTLIB_PACKED_VARLEN": "0"}),
+    "sftlib:article-novarlen": dict(gc="unsloth", batch=8, accum=2, env={"SFTLIB_PACKED_VARLEN": "0"}),
 }
 DEFAULT_RUNS = "unsloth:article,sftlib:auto,hf:article,sftlib:article,sftlib:auto-40GiB,sftlib:auto-15GiB"
 
@@ -250,6 +253,7 @@ def run_sftlib(model_dir: str, s: dict, data, max_steps: int, out: str, timer):
     result = train(cfg, model, tokenizer, data, backend=backend, callbacks=[timer, Keep()])
     plan = getattr(model, "sftlib_plan", None)
     extra = {"static_gib": static, "plan": plan.to_dict() if plan else None, "sftlib_tokens_per_s": result.tokens_per_s,
+             "backend_reason": backend.reason,
              "batch": cfg.train.batch_size, "accum": cfg.train.grad_accum, "gc": cfg.train.gradient_checkpointing}
 
     class History:  # what summarise() reads from a trainer
@@ -270,6 +274,7 @@ def worker(a) -> None:
     name = a.run
     contender, setting = name.split(":")
     s = dict(SETTINGS[name])
+    os.environ.update(s.get("env", {}))
     if contender in ("unsloth", "sftlib"):
         import unsloth  # noqa: F401  before transformers, TRL and PEFT (the timer imports transformers)
     if s.get("cap"):

@@ -68,7 +68,9 @@ def backend_section(report: dict) -> list[str]:
         f"- logits cosine: reloaded adapters vs trained model {report.get('cos_adapters_vs_trained', 0):.4f}; "
         f"merged 16-bit vs adapters {report.get('cos_merged16_vs_adapters', 0):.5f}; merged 4-bit vs merged 16-bit "
         f"{report.get('cos_merged4_vs_merged16', 0):.4f}",
-        f"- merged 4-bit made by: {report.get('merged_4bit_by')}",
+        "- sftlib.export (each output loaded back and checked against the trained model):",
+        *[f"  - {e['format']}: {'ok' if e['ok'] else 'FAILED'}, {e['bytes'] / 2 ** 30:.3f} GiB in {e['seconds']:.1f}s; "
+          f"{e['summary']}" for e in report.get("export", [])],
         f"- output sizes (GiB): {report.get('sizes_gib')}",
         f"- seconds: pipeline {report.get('seconds_pipeline')}, whole scenario {report.get('seconds_total')}", "",
     ]

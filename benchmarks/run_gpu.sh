@@ -2,7 +2,9 @@
 # Everything the GPU host runs, in one go: the random-weight model, the benchmark, the GPU tests.
 #   usage: benchmarks/run_gpu.sh OUT [SECONDS] [RUNS]
 #   OUT: results folder; SECONDS: time budget for the whole script (default 3000); RUNS: gpu_bench.py --runs
-# Needs torch with CUDA, transformers, peft, TRL, bitsandbytes and (for two contenders) unsloth installed.
+#   GPU_TESTS=0 skips the GPU tests; EXPORT_8B=1 times the 8B export (merge, f16 GGUF, q4_k_m), each verified on one prompt
+# Needs torch with CUDA, transformers, peft, TRL, bitsandbytes and (for two contenders) unsloth installed;
+# EXPORT_8B also llama-cpp-python (the wheel `python -m sftlib.gguf_setup` builds) and its dependency diskcache.
 set -uo pipefail
 out=${1:?usage: run_gpu.sh OUT [SECONDS] [RUNS]}
 budget=${2:-3000}
@@ -21,6 +23,16 @@ if [ "$tests" = 1 ]; then
   cp /tmp/gpu-tests/gpu_tests.md "$out/" 2>/dev/null
   tar -czf "$out/gpu_tests.tgz" -C /tmp gpu-tests
   echo "gpu tests done at $((SECONDS - start))s"
+fi
+
+if [ "${EXPORT_8B:-0}" = 1 ]; then
+  python3 benchmarks/make_model.py --out /tmp/llama-8b
+  echo "8B model written at $((SECONDS - start))s"
+  timeout $(( $(left) - 20 )) python3 benchmarks/export_bench.py --base /tmp/llama-8b --template llama-3 \
+    --pre-tokenizer auto --formats merged_16bit,gguf:f16,gguf:q4_k_m --prompts 1 --max-new-tokens 16 \
+    --out "$out/export_8b" --work /tmp/export-8b
+  echo "8B export done at $((SECONDS - start))s"
+  rm -rf /tmp/export-8b
 fi
 
 if [ -n "$runs" ]; then

@@ -75,7 +75,10 @@ def choose_backend(requested: str = "auto") -> Backend:
         return Backend("hf", "cuda", "asked for in the config")
     why_not = _try_import_unsloth()
     if why_not is None:
-        return Backend("unsloth", "cuda", "CUDA GPU and unsloth imported")
+        from sftlib.packed_attention import enable
+
+        note = enable()  # packed rows: one attention call per layer where Unsloth would make one per document
+        return Backend("unsloth", "cuda", "CUDA GPU and unsloth imported" + (f"; {note}" if note else ""))
     if requested == "unsloth":
         raise ValueError(f"`backend: unsloth` cannot be used: {why_not}; use `backend: hf` or `auto`")
     return Backend("hf", "cuda", f"CUDA GPU, but {why_not}; transformers + peft + bitsandbytes")

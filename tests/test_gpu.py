@@ -10,8 +10,8 @@ own process because Unsloth patches transformers, TRL and PEFT when it is import
 
 Each run: load in 4-bit, fit the tokenizer to ChatML (new tokens: embeddings trained), LoRA, SFT with
 packing on the bundled demo data, held-out loss before and after, a streamed reply, adapters saved,
-a merged 16-bit model rebuilt from the 16-bit base, and a merged 4-bit model; each output is loaded
-back and checked. The scenario prints one JSON line the tests (and the report) read.
+a merged 16-bit model rebuilt from the 16-bit base, and a merged 4-bit model, all through
+sftlib.export (which loads each back and checks it); the test checks them again its own way. The scenario prints one JSON line the tests (and the report) read.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
         "train": {"max_steps": 30, "batch_size": 4, "grad_accum": 1, "learning_rate": 2e-3, "warmup_steps": 3,
                   "logging_steps": 5, "gradient_checkpointing": "auto", "auto_batch": True,
                   "output_dir": str(out / "train")},
-        "export": {"formats": ["lora", "merged_16bit"], "output_dir": str(out / "model")},
+        "export": {"formats": ["lora", "merged_16bit", "merged_4bit"], "output_dir": str(out / "model")},
     })
     if hasattr(cfg.train, "resume"):
         cfg.train.resume = "never"
@@ -107,9 +107,9 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
     torch.cuda.empty_cache()
 
     # the adapters and the merged 16-bit model load back in plain transformers / PEFT
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from sftlib.export import load_adapters
+    from sftlib.save import load_adapters
 
     lora, merged16 = Path(report["outputs"]["lora"]), Path(report["outputs"]["merged_16bit"])
     peft_model, _ = load_adapters(model_dir, lora, dtype="bfloat16", device="cuda")
@@ -123,22 +123,8 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
     report["cos_adapters_vs_trained"] = _logits_agree(adapter_logits, trained_logits)
     report["cos_merged16_vs_adapters"] = _logits_agree(merged_logits, adapter_logits)
 
-    # merged 4-bit: sftlib's exporter when it has one, else NF4 quantization of the merged 16-bit folder
-    from sftlib import export
-
-    merged4 = out / "model" / "merged_4bit"
-    maker = getattr(export, "save_merged_4bit", None)
-    if maker is not None:
-        maker(model_dir, lora, merged4)
-        report["merged_4bit_by"] = "sftlib.export.save_merged_4bit"
-    else:
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        m4 = AutoModelForCausalLM.from_pretrained(merged16, quantization_config=q, device_map={"": 0})
-        m4.save_pretrained(merged4, safe_serialization=True)
-        AutoTokenizer.from_pretrained(merged16).save_pretrained(merged4)
-        del m4
-        report["merged_4bit_by"] = "transformers + bitsandbytes from the merged 16-bit folder (sftlib has no 4-bit exporter yet)"
+    # merged 4-bit: written and checked by sftlib.export inside the run (its report is read below)
+    merged4 = Path(report["outputs"]["merged_4bit"])
     m4 = AutoModelForCausalLM.from_pretrained(merged4, device_map={"": 0})
     report["merged_4bit_layers"] = sum(1 for m in m4.modules() if type(m).__name__ == "Linear4bit")
     with torch.no_grad():
@@ -146,6 +132,8 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
     report["cos_merged4_vs_merged16"] = _logits_agree(m4_logits, merged_logits)
     report["sizes_gib"] = {p.name: round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2 ** 30, 3)
                            for p in (lora, merged16, merged4)}
+    export = json.loads(Path(report["outputs"]["export_report"]).read_text())
+    report["export"] = [{k: item[k] for k in ("format", "bytes", "seconds", "ok", "summary")} for item in export["items"]]
     report["seconds_total"] = round(time.perf_counter() - start, 1)
     return report
 
@@ -186,6 +174,8 @@ def _check(report: dict, backend: str) -> None:
     assert report["cos_adapters_vs_trained"] > 0.95, "reloaded adapters do not reproduce the trained model"
     assert report["cos_merged16_vs_adapters"] > 0.999, "the merged 16-bit model differs from base + adapters"
     assert report["merged_4bit_layers"] > 0
+    assert [(e["format"], e["ok"]) for e in report["export"]] == \
+        [("lora", True), ("merged_16bit", True), ("merged_4bit", True)], report["export"]
     assert report["cos_merged4_vs_merged16"] > 0.9, "the merged 4-bit model is far from the merged 16-bit one"
 
 
@@ -199,6 +189,18 @@ def test_unsloth_backend_end_to_end(tmp_path):
 def test_hf_backend_end_to_end(tmp_path):
     pytest.importorskip("bitsandbytes")
     _check(_run_scenario("hf", tmp_path), "hf")
+
+
+@needs_cuda
+def test_packed_attention_matches_per_document_sdpa():
+    """sftlib's varlen call for Unsloth's packed rows: outputs and gradients as per-document SDPA gives them."""
+    import torch
+
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        pytest.skip("this torch build has no flash-attention kernel")
+    from sftlib.packed_attention import _check, _function
+
+    assert _check(_function()) is None
 
 
 if __name__ == "__main__":
