@@ -148,26 +148,12 @@ def _is_quantized(model) -> bool:
                 or getattr(base.config, "quantization_config", None))
 
 
-def _greedy(model, ids: list[int], stops: set[int], limit: int) -> list[int]:
-    import torch
-
-    device = next(model.parameters()).device
-    reply: list[int] = []
-    with torch.no_grad():
-        for _ in range(limit):
-            logits = model(input_ids=torch.tensor([ids + reply], device=device)).logits[0, -1]
-            reply.append(int(logits.argmax()))
-            if reply[-1] in stops:
-                break
-    return reply
-
-
 def compare(model, ref, stops: set[int], *, kind: str, strict: bool = True, quantized: bool = False) -> dict:
     """Hold `model` (a reloaded format) to the reference `ref` (sftlib.gguf_verify.Reference); see the table above."""
     import numpy as np
     import torch
 
-    from sftlib.gguf_verify import _log_softmax
+    from sftlib.gguf_verify import _log_softmax, greedy
 
     model.eval()
     device = next(model.parameters()).device
@@ -205,7 +191,7 @@ def compare(model, ref, stops: set[int], *, kind: str, strict: bool = True, quan
                                        f"(its margin {margin:.3f} logits)")
         if stopped:
             out["stop_expected"] += 1
-            own = reply if diverged is None else _greedy(model, ids, stops, 2 * len(reply) + 16)
+            own = reply if diverged is None else greedy(model, ids, stops, 2 * len(reply) + 16)
             if own and own[-1] in stops:
                 out["stopped"] += 1
             else:

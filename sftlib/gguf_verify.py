@@ -122,6 +122,22 @@ def _load_reference_model(model_dir):
     )
 
 
+def greedy(model, ids: list[int], stops: set[int], limit: int) -> list[int]:
+    """Greedy continuation of `ids`, the full sequence through the model every step (no key/value cache:
+    the reference llama.cpp is held to), up to `limit` tokens or a stop token (kept)."""
+    import torch
+
+    device = next(model.parameters()).device
+    reply: list[int] = []
+    with torch.no_grad():
+        for _ in range(limit):
+            logits = model(input_ids=torch.tensor([ids + reply], device=device)).logits[0, -1]
+            reply.append(int(logits.argmax()))
+            if reply[-1] in stops:
+                break
+    return reply
+
+
 def hf_reference(model_or_dir, tokenizer, template, conversations=None, *, max_new_tokens: int = 48,
                  strings: list[str] | None = None, text_prefix: str = "") -> Reference:
     """Prompt ids, greedy replies and logits of the HF model (a folder or a loaded model) on `conversations`.
@@ -142,14 +158,8 @@ def hf_reference(model_or_dir, tokenizer, template, conversations=None, *, max_n
     ref = Reference(conversations=conversations, prompt_ids=[], reply_ids=[], stopped=[], reply_texts=[], dtype=dtype)
     for messages in conversations:
         ids = prompt_ids(tokenizer, template, messages)
-        reply: list[int] = []
+        reply = greedy(model, ids, stops, max_new_tokens)
         with torch.no_grad():
-            for _ in range(max_new_tokens):
-                # the full sequence every step, no cache: the reference llama.cpp is held to
-                logits = model(input_ids=torch.tensor([ids + reply], device=device)).logits[0, -1]
-                reply.append(int(logits.argmax()))
-                if reply[-1] in stops:
-                    break
             full = model(input_ids=torch.tensor([ids + reply], device=device)).logits[0].float().cpu().numpy()
         ended = bool(reply) and reply[-1] in stops
         # a stop the model barely chose (an untrained model's, say) is no promise to check

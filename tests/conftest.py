@@ -47,3 +47,39 @@ def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def no_token(monkeypatch, tmp_path):
+    """No token anywhere: not in the environment, not stored by `hf auth login`, no Colab, no prompt."""
+    import sys
+
+    from sftlib import hub
+
+    for name in hub.TOKEN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "tokens"))
+    monkeypatch.setitem(sys.modules, "google.colab", None)  # `import google.colab` raises ImportError
+    monkeypatch.setattr(hub, "_known", set())
+
+
+def with_lora(cfg):
+    """The pipeline's steps up to training, for tests that train a tiny model themselves:
+    (model with LoRA, tokenizer, template, encoded training rows, backend)."""
+    from sftlib.backend import choose_backend, resolve
+    from sftlib.data import load_dataset
+    from sftlib.encode import encode_dataset
+    from sftlib.model import add_lora, load_model, prepare_tokenizer
+    from sftlib.templates import get_template
+
+    backend = choose_backend(cfg.backend)
+    resolve(cfg, backend)
+    template = get_template(cfg.model.chat_template)
+    train_ds, _ = load_dataset(cfg.data)
+    model, tokenizer = load_model(cfg, backend)
+    info = prepare_tokenizer(model, tokenizer, template)
+    rows = encode_dataset(train_ds, tokenizer, template, max_length=cfg.model.max_seq_length)
+    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens), new_token_ids=info.added_token_ids)
+    return model, tokenizer, template, rows, backend

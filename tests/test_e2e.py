@@ -34,11 +34,7 @@ def _write_chat_data(path: Path, n: int = 64) -> Path:
 @pytest.fixture()
 def trained(tiny_model_dir, tmp_path):
     """Run the pipeline pieces once and keep what the assertions need."""
-    from sftlib.backend import choose_backend, resolve
-    from sftlib.data import load_dataset
-    from sftlib.encode import encode_dataset
-    from sftlib.model import add_lora, load_model, prepare_tokenizer
-    from sftlib.templates import get_template
+    from conftest import with_lora
     from sftlib.train import train
 
     data = _write_chat_data(tmp_path / "chat.jsonl")
@@ -48,15 +44,7 @@ def trained(tiny_model_dir, tmp_path):
         "train.learning_rate": 1e-2,
         "train.output_dir": str(tmp_path / "out"), "export.output_dir": str(tmp_path / "model"),
     })
-    backend = choose_backend(cfg.backend)
-    resolve(cfg, backend)
-    template = get_template(cfg.model.chat_template)
-    train_ds, _ = load_dataset(cfg.data)
-    model, tokenizer = load_model(cfg, backend)
-    info = prepare_tokenizer(model, tokenizer, template)
-    rows = encode_dataset(train_ds, tokenizer, template, max_length=cfg.model.max_seq_length)
-    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens),
-                     new_token_ids=info.added_token_ids)
+    model, tokenizer, template, rows, backend = with_lora(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = train(cfg, model, tokenizer, rows, backend=backend)
     return dict(cfg=cfg, model=model, tokenizer=tokenizer, template=template, before=before, result=result,
@@ -180,3 +168,16 @@ def test_demo_runs_as_a_user_runs_it(tmp_path):
                   "| merged_16bit |", "```yaml", "transformers 5."):
         assert piece in card, piece
     assert f"{result['after']['loss']:.4f}" in card
+
+    # then every export format of the demo model, as a user would ask for them, each checked
+    formats = "lora,merged_16bit,merged_4bit,gguf:f16,gguf:q8_0,gguf:q4_k_m"
+    proc = subprocess.run([sys.executable, "-m", "sftlib", "export", "--preset", "cpu-demo", "--model",
+                           str(out / "model" / "lora"), "--formats", formats, "--out", str(tmp_path / "exported")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "exported" / "export_report.json").read_text())
+    assert [(i["format"], i["ok"]) for i in report["items"]] == [(f, True) for f in formats.split(",")]
+    for item in report["items"]:  # the demo model answers the held-out prompts and stops: so must every file
+        assert item["check"]["stop_expected"] == item["check"]["stopped"] == 3, item
+    for line in ("lora", "merged_4bit", "sftlib-demo-sft.Q4_K_M.gguf"):
+        assert line in proc.stdout

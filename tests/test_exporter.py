@@ -24,11 +24,7 @@ PAIRS = [("Which colour is the sky?", "The colour is blue."), ("What colour is t
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """The tiny model fine-tuned until it answers and stops (LoRA in memory, float32)."""
-    from sftlib.backend import choose_backend, resolve
-    from sftlib.data import load_dataset
-    from sftlib.encode import encode_dataset
-    from sftlib.model import add_lora, load_model, prepare_tokenizer
-    from sftlib.templates import get_template
+    from conftest import with_lora
     from sftlib.train import train
 
     tmp = tmp_path_factory.mktemp("exporter")
@@ -41,14 +37,7 @@ def trained(tiny_model_dir, tmp_path_factory):
         "train.output_dir": str(tmp / "out"), "export.output_dir": str(tmp / "model"),
         "export.gguf_quantizations": ["q8_0"], "export.gguf_pre_tokenizer": "auto",
     })
-    backend = choose_backend(cfg.backend)
-    resolve(cfg, backend)
-    template = get_template(cfg.model.chat_template)
-    train_ds, _ = load_dataset(cfg.data)
-    model, tokenizer = load_model(cfg, backend)
-    info = prepare_tokenizer(model, tokenizer, template)
-    rows = encode_dataset(train_ds, tokenizer, template, max_length=cfg.model.max_seq_length)
-    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens), new_token_ids=info.added_token_ids)
+    model, tokenizer, _, rows, backend = with_lora(cfg)
     train(cfg, model, tokenizer, rows, backend=backend)
     model.eval()
     return dict(cfg=cfg, model=model, tokenizer=tokenizer, tmp=tmp)

@@ -61,18 +61,6 @@ def _export(root: Path) -> Path:
 
 
 @pytest.fixture()
-def no_token(monkeypatch, tmp_path):
-    """No token anywhere: not in the environment, not stored by `hf auth login`, no Colab, no prompt."""
-    for name in hub.TOKEN_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "tokens"))
-    monkeypatch.setitem(sys.modules, "google.colab", None)  # `import google.colab` raises ImportError
-    monkeypatch.setattr(hub, "_known", set())
-
-
-@pytest.fixture()
 def no_network(monkeypatch):
     """Offline mode on, and any socket connection fails the test: nothing may reach out."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

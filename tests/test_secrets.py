@@ -33,17 +33,6 @@ DUMMY = "hf_" + "Zq7dummyTokenForSftlibTests0123456789"  # shaped like a real to
 CORPUS = Path(__file__).resolve().parent / "malformed" / "model"
 
 
-@pytest.fixture()
-def no_token(monkeypatch, tmp_path):
-    """No token anywhere: not in the environment, not stored by `hf auth login` (HF_HOME is empty)."""
-    for name in hub.TOKEN_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "tokens"))
-    monkeypatch.setattr(hub, "_known", set())
-
-
 def test_token_sources_in_order(no_token, monkeypatch):
     assert get_token(interactive=False) is None
     # Colab: google.colab.userdata exists only there; a stand-in module plays the notebook's secret store.
