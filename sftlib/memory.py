@@ -221,10 +221,13 @@ def _peak_parts(cfg, shape: ModelShape, device: str, backend: str, embeddings_tr
     lora_params = sum(lo.r * (i_ + o_) for i_, o_, _ in targets)
     parts["LoRA weights, gradients, optimizer"] = lora_params * (8 + _optimizer_bytes(t.optim, 4)) / GiB
     if embeddings_trained:
-        n = shape.vocab * h * (1 if shape.tie_embeddings else 2)
+        head_only = embeddings_trained == "head"  # input rows trained as a small adapter; an untied head whole
+        n = shape.vocab * h * ((0 if shape.tie_embeddings else 1) if head_only else (1 if shape.tie_embeddings else 2))
         fp16 = m.dtype == "float16" or (m.dtype == "auto" and gpu == "T4")  # a T4 has no bfloat16
         pb = 4 if (b == 4 or fp16) else 2
-        parts["trained embeddings and LM head"] = n * (2 * pb + _optimizer_bytes(t.optim, pb)) / GiB
+        if n:
+            label = "trained LM head" if head_only else "trained embeddings and LM head"
+            parts[label] = n * (2 * pb + _optimizer_bytes(t.optim, pb)) / GiB
 
     static = sum(parts.values()) * GiB
     tokens = t.batch_size * m.max_seq_length
@@ -291,13 +294,27 @@ def _verdict(peak: float, gpu_gib: float | None) -> str:
     return "fits" if need <= 0.9 * gpu_gib else "tight" if need <= 1.1 * gpu_gib else "too big"
 
 
+def embeddings_trained_by(cfg, vocabulary_grew: bool, backend: str | None) -> bool | str:
+    """What sftlib.model.add_lora trains besides LoRA, for the estimate: True (embeddings and LM head
+    whole), "head" (rows of the input embeddings as a small adapter, an untied LM head whole) or False.
+    `lora.train_embeddings: auto` trains both whole under Unsloth (and when the backend is not known
+    yet: the larger estimate), the head only elsewhere."""
+    mode = cfg.lora.train_embeddings
+    if mode == "always":
+        return True
+    if mode != "auto" or not vocabulary_grew:
+        return False
+    return True if backend in (None, "unsloth") else "head"
+
+
 def estimate_memory(cfg, shape: ModelShape | None = None, *, device: str = "cuda", gpu=None, backend: str | None = None,
-                    embeddings_trained: bool = False, suggest: bool = True) -> Estimate:
+                    embeddings_trained: bool | str = False, suggest: bool = True) -> Estimate:
     """Peak training memory (and step time on a known GPU) for `cfg` on a model of `shape`.
 
     `gpu`: T4, A100, H100, a size in GiB or (name, GiB); None = the GPU of the config's preset, if any.
     `backend`: unsloth | hf | cpu; None = unsloth on `cuda` unless `cfg.backend` is `hf`, else cpu.
-    `embeddings_trained`: tokens were added, so embed_tokens and lm_head are trained as well.
+    `embeddings_trained`: tokens were added, so embed_tokens and lm_head are trained as well (True), or
+    only an untied lm_head whole ("head"); see `embeddings_trained_by`.
     """
     if shape is None:
         shape = fallback_shape(cfg.model.name)

@@ -105,9 +105,9 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     if cfg.train.preflight != "off":  # before any training: fatal findings stop here, saying what to change
         from sftlib.preflight import preflight
 
-        # whole matrices are trained with `always`, or for new tokens under Unsloth; `auto` elsewhere trains rows only
-        embeddings = cfg.lora.train_embeddings == "always" or (
-            cfg.lora.train_embeddings == "auto" and bool(info.added_tokens) and chosen.name == "unsloth")
+        from sftlib.memory import embeddings_trained_by
+
+        embeddings = embeddings_trained_by(cfg, bool(info.added_tokens), chosen.name)
         report = preflight(cfg, tokenizer, template, train_rows, raw_rows=train_ds, model=model,
                            backend=chosen.name, embeddings_trained=embeddings)
         result.preflight = report.to_dict()

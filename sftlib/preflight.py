@@ -290,12 +290,11 @@ def _memory_finding(report, cfg, tokenizer, model, shape, backend, gpu, embeddin
             add(Finding(INFO, "memory", f"no memory estimate: the shape of `{cfg.model.name}` is unknown ({exc})"))
             return
     if embeddings_trained is None:  # as sftlib.model.add_lora decides: `auto` = the vocabulary grew
-        embeddings_trained = cfg.lora.train_embeddings == "always"
-        if cfg.lora.train_embeddings == "auto":
-            try:
-                embeddings_trained = len(tokenizer) > _shape_of(cfg).vocab
-            except Exception:  # no config.json to compare with: assume nothing was added
-                pass
+        try:
+            grew = len(tokenizer) > _shape_of(cfg).vocab
+        except Exception:  # no config.json to compare with: assume nothing was added
+            grew = False
+        embeddings_trained = memory.embeddings_trained_by(cfg, grew, backend)
     est = memory.estimate_memory(cfg, shape, device=device, gpu=gpu, backend=backend,
                                  embeddings_trained=embeddings_trained)
     report.estimate = est
@@ -338,6 +337,7 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
     """
     from transformers import AutoTokenizer
 
+    from sftlib import memory
     from sftlib.data import load_dataset
     from sftlib.encode import encode_dataset
     from sftlib.model import ModelLoadError, prepare_tokenizer, resolve_model_name
@@ -363,8 +363,8 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
         shape = _shape_of(cfg)
     except Exception:  # no config.json to read: the memory finding says so
         shape = None
-    embeddings = cfg.lora.train_embeddings == "always" or (cfg.lora.train_embeddings == "auto" and info.resized)
     backend = cfg.backend if cfg.backend != "auto" else None
+    embeddings = memory.embeddings_trained_by(cfg, info.resized, backend)
     report = preflight(cfg, tokenizer, template, rows, raw_rows=subset, shape=shape, gpu=gpu, backend=backend,
                        embeddings_trained=embeddings, sample=len(rows), preview=preview, row_numbers=numbers)
     report.rows_total = n

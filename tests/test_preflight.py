@@ -277,6 +277,18 @@ def test_llama_8b_numbers():
     big = estimate_memory(cfg, LLAMA_3_1_8B, embeddings_trained=True)  # ChatML tokens added to a base Llama
     assert big.verdict == "too big" and "llama-3.1" in big.suggestion, big.to_text()
     assert estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", embeddings_trained=True).verdict == "fits"
+    # the hf backend under `auto`: new input rows as a small adapter, the untied LM head (128256 x 4096) whole
+    head = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", embeddings_trained="head")
+    both = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", embeddings_trained=True)
+    plain = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100")
+    assert head.parts["trained LM head"] * 2 == pytest.approx(both.parts["trained embeddings and LM head"])
+    assert plain.peak_gib < head.peak_gib < both.peak_gib
+    from sftlib.memory import embeddings_trained_by
+
+    auto = RunConfig()
+    assert [embeddings_trained_by(auto, True, b) for b in ("unsloth", "hf", "cpu", None)] == [True, "head", "head", True]
+    assert embeddings_trained_by(auto, False, "hf") is False
+    assert embeddings_trained_by(auto.with_overrides({"lora.train_embeddings": "always"}), False, "hf") is True
     a100 = RunConfig.preset("colab-a100", {"train.gradient_checkpointing": "false"})  # batch 8 x 2048, no recompute
     nogc = estimate_memory(a100, LLAMA_3_1_8B)
     assert nogc.verdict == "too big" and "gradient_checkpointing" in nogc.suggestion
