@@ -336,7 +336,7 @@ def config_conversations(cfg, limit: int = 3) -> list[list[dict]] | None:
 def verify_gguf(gguf_path, model_dir, template, *, tokenizer=None, conversations=None, qtype: str | None = None,
                 add_bos: bool | None = None, max_new_tokens: int = 48, threads: int | None = None) -> GGUFCheck:
     """Check one GGUF against the HF model in `model_dir` (the merged folder it was converted from)."""
-    from sftlib.gguf import gguf_settings
+    from sftlib.gguf_convert import gguf_settings
     from sftlib.templates import get_template
 
     template = get_template(template)
