@@ -321,15 +321,13 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
             t0 = time.time()
             if has_adapters:
                 save_merged(cfg.model.name, adapter_dir, merged_dir)
-            else:  # a merged model already: write it as 16-bit
+            else:  # a merged model already: written in bfloat16 (a float32 one goes back to float32 after)
                 from sftlib.save import atomic_dir
 
                 with atomic_dir(merged_dir) as tmp:
-                    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True) if dtype == torch.float32 \
-                        else model.save_pretrained(tmp, safe_serialization=True)
+                    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
                     tokenizer.save_pretrained(tmp)
-                if dtype == torch.float32:
-                    model.to(dtype)
+                model.to(dtype)
             if "merged_16bit" in hf_formats:
                 report.items.append(Written("merged_16bit", str(merged_dir), _size(merged_dir), time.time() - t0))
                 log(f"export: merged_16bit written to {merged_dir} ({time.time() - t0:.1f}s)")

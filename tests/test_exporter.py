@@ -174,6 +174,14 @@ def test_cli_export_from_an_adapter_folder(trained):
     report = json.loads((tmp / "cli-out" / "export_report.json").read_text())
     assert [(i["format"], i["ok"]) for i in report["items"]] == [("lora", True), ("merged_16bit", True)]
     assert "merged_16bit" in proc.stdout and "verification" in proc.stdout
+    # a merged folder works as the starting point too (no adapters: `lora` is not on offer)
+    merged = subprocess.run([sys.executable, "-m", "sftlib", "export", "--model", str(tmp / "cli-out" / "merged_16bit"),
+                             "--formats", "merged_16bit,merged_4bit", "--out", str(tmp / "cli-merged")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert merged.returncode == 0, merged.stdout[-2000:] + merged.stderr[-3000:]
+    again = json.loads((tmp / "cli-merged" / "export_report.json").read_text())
+    assert [(i["format"], i["ok"]) for i in again["items"]] == [("merged_16bit", True), ("merged_4bit", True)]
+    assert again["items"][0]["check"]["greedy_identical"] == again["items"][0]["check"]["prompts"]
     bad = subprocess.run([sys.executable, "-m", "sftlib", "export", "--model", str(tmp / "cli-lora"), "--formats",
                           "lora,gguf:q9", "--out", str(tmp / "cli-bad")], capture_output=True, text=True, env=env,
                          timeout=300)
