@@ -59,6 +59,7 @@ DEFAULT_ROLE_NAMES = {
     "model": "assistant",
 }
 MAX_SHOWN = 10  # problems listed in one error; the total count is always given
+ARROW_BATCH_ROWS = 10_000  # rows per batch that Arrow checks and converts (see `_arrow_messages`)
 
 # Suffixes that only a local path would have: such a source is never sent to the Hub. (A Hub name may contain
 # a dot, as in "teknium/OpenHermes-2.5", so "has a suffix" alone is not enough.)
@@ -733,6 +734,74 @@ def _convert_batch(batch: dict[str, list], lay: _Layout) -> dict[str, list]:
     }
 
 
+def _convert_table(table: Any, lay: _Layout, features: datasets.Features) -> Any:
+    """`_convert_batch` for a pyarrow batch: Arrow builds the `messages` column where `_arrow_messages` can."""
+    import pyarrow as pa
+
+    messages = _arrow_messages(table, lay, features)
+    if messages is None:  # the rows as `Dataset.map` would have given them to `_convert_batch`
+        from datasets.formatting import PythonFormatter
+
+        return _convert_batch(PythonFormatter(features=features).format_batch(table), lay)
+    return pa.table({"messages": messages})
+
+
+@functools.lru_cache(maxsize=1)
+def _non_space_pattern() -> str:
+    """A regex matching one character that `str.strip()` keeps: Python's own whitespace, not a copy of it."""
+    spaces = (c for c in map(chr, range(0x110000)) if c.isspace())
+    return "[^" + "".join(f"\\x{{{ord(c):x}}}" for c in spaces) + "]"
+
+
+def _arrow_messages(table: Any, lay: _Layout, features: datasets.Features) -> Any:
+    """The `messages` column `_convert_batch` would give, built by Arrow, when every row of this batch of chat rows is
+    a plain list of turns that passes every check of `_row_problem`; else None (the Python checks and conversion
+    then decide). For 100,000 rows this is well under a second; checking each row in Python took seconds."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    feature = features.get(lay.column)
+    if lay.format not in ("sharegpt", "openai") or not (isinstance(feature, datasets.List)
+                                                        and isinstance(feature.feature, dict)):
+        return None  # e.g. a legacy Sequence column reads as a dict of lists in Python, which the checks refuse
+    col = table.column(lay.column).combine_chunks()
+    if not pa.types.is_list(col.type) or not pa.types.is_struct(col.type.value_type) or col.null_count:
+        return None
+    offsets = pc.subtract(col.offsets, col.offsets[0])  # this batch may be a slice
+    turns = col.flatten()
+    if len(col) == 0 or turns.null_count or pc.min(pc.list_value_length(col)).as_py() < 1:
+        return None
+    children = turns.flatten()
+
+    def pick(keys: tuple[str, ...]):  # `_pick`: the first key with a value
+        fields = [children[turns.type.get_field_index(k)] for k in keys if turns.type.get_field_index(k) >= 0]
+        if not fields or any(f.type != pa.string() for f in fields):
+            return None
+        return fields[0] if len(fields) == 1 else pc.coalesce(*fields)
+
+    names, contents = pick(lay.role_keys), pick(lay.content_keys)
+    if names is None or contents is None or names.null_count or contents.null_count:
+        return None
+    distinct = pc.unique(names)
+    known = [_role_of(name, dict(lay.custom_roles)) for name in distinct.to_pylist()]
+    if None in known or not pc.all(pc.match_substring_regex(contents, _non_space_pattern())).as_py():
+        return None
+    roles = pa.array(known, pa.string()).take(pc.index_in(names, value_set=distinct))
+    system = pc.equal(roles, "system")
+    first = offsets[:-1]
+    if (pc.sum(system).as_py() or 0) != (pc.sum(system.take(first)).as_py() or 0):
+        return None  # a system turn after the first turn
+    if not pc.all(pc.equal(roles.take(pc.subtract(offsets[1:], 1)), "assistant")).as_py():
+        return None  # a row that does not end on the assistant's turn
+    return pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays([roles, contents], names=["role", "content"]))
+
+
+def _arrow_checks_pass(ds: datasets.Dataset, lay: _Layout) -> bool:
+    """True when Arrow shows that `_raise_problems` would find nothing (False: it has to look)."""
+    return all(_arrow_messages(batch, lay, ds.features) is not None
+               for batch in ds.with_format("arrow").iter(batch_size=ARROW_BATCH_ROWS))
+
+
 MESSAGES_FEATURES = datasets.Features(
     {"messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})}
 )
@@ -762,7 +831,18 @@ def to_messages(
         lay = _layout(fmt, m, ds.column_names)
     except DataError as e:
         raise DataError(f"{source}: {e}" if source else str(e)) from None
-    _raise_problems(ds, lay, m, source)
+    arrow = fmt in ("sharegpt", "openai") and ds.format["type"] is None  # a formatted dataset maps as it is
+    if not (arrow and _arrow_checks_pass(ds, lay)):
+        _raise_problems(ds, lay, m, source)
+    if arrow:  # converted by Arrow, batch by batch
+        return ds.with_format("arrow").map(
+            functools.partial(_convert_table, lay=lay, features=ds.features),
+            batched=True,
+            batch_size=ARROW_BATCH_ROWS,
+            remove_columns=ds.column_names,
+            features=MESSAGES_FEATURES,
+            desc=f"{fmt} -> messages",
+        ).with_format(None)
     return ds.map(
         functools.partial(_convert_batch, lay=lay),
         batched=True,
