@@ -97,8 +97,13 @@ def run(cfg, *, log: Callable[[str], None] = print, answer_samples: int = 0, sho
     eval_rows = encode_dataset(eval_ds, tokenizer, template, **encode) if eval_ds is not None else None
     result.train_rows, result.eval_rows = len(train_rows), len(eval_rows) if eval_rows is not None else 0
     result.truncated_rows = sum(train_rows["truncated"])
-    trained = sum(sum(1 for x in labels if x != -100) for labels in train_rows["labels"])
-    total = sum(len(ids) for ids in train_rows["input_ids"])
+    # counted in Arrow: a Python loop over every label of FineTome-100k takes seconds
+    import pyarrow.compute as pc
+
+    columns = train_rows.with_format("arrow")  # as the rows are seen (a selection included)
+    labels = pc.list_flatten(columns["labels"])
+    trained = len(labels) - pc.sum(pc.equal(labels, -100)).as_py() if len(labels) else 0
+    total = len(pc.list_flatten(columns["input_ids"]))
     result.trained_token_share = trained / total if total else 0.0
     log(f"tokens: {total} in training rows, {result.trained_token_share:.0%} trained "
         f"({cfg.data.train_on}), {result.truncated_rows} rows cut at {cfg.model.max_seq_length}")
