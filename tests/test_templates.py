@@ -1,6 +1,6 @@
 """Chat templates render the published formats exactly and keep the prompt-prefix promise.
 
-    cd /work/main && .venv/bin/python -m pytest tests/test_templates.py -q
+    .venv/bin/python -m pytest tests/test_templates.py -q
 
 Golden strings below are written out by hand from each family's documented format and always run.
 Byte-for-byte comparisons with the reference templates run when the shared fixtures folder
