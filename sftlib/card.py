@@ -18,14 +18,10 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+from sftlib.save import disk_bytes
+
 PACKAGES = ("sftlib", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "bitsandbytes",
             "llama_cpp_python")
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _human(n: int) -> str:
@@ -87,7 +83,7 @@ def card_text(cfg, result, *, train_ds=None, template=None) -> str:
     for name, folder in result.outputs.items():
         path = Path(folder)
         if path.exists():
-            lines.append(f"| {name} | `{path.name}` | {_human(_size(path))} |")
+            lines.append(f"| {name} | `{path.name}` | {_human(disk_bytes(path))} |")
     gguf = Path(result.outputs.get("gguf", "")) / "gguf_report.json" if result.outputs.get("gguf") else None
     if gguf is not None and gguf.exists():
         report = json.loads(gguf.read_text())

@@ -23,6 +23,9 @@ back the way a user loads it and held to:
 | merged_4bit | transformers + bitsandbytes | every confident stop kept; top-1 agreement, KL and greedy tokens reported |
 | GGUF | llama.cpp | as sftlib.gguf_verify says (f16/bf16 the same greedy tokens, quantized types report) |
 
+A format that cannot be loaded back beside the model in memory (an 8B merged in 16-bit next to the
+training model on a 15 GB T4) is written and reported "not verified", with the sizes, and a warning.
+
 "Every confident stop kept": where the reference ends its reply with a stop token it chose with
 probability >= 0.5, the reloaded model's own greedy reply (up to twice as long, plus 16 tokens) must
 end with a stop token too. A failed check raises ExportVerifyError after everything else is written;
@@ -36,6 +39,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -115,15 +119,16 @@ def parse_formats(formats, gguf_default=()) -> tuple[list[str], list[str]]:
         name = str(entry).strip().lower()
         kind, _, qtype = name.partition(":")
         if name in HF_FORMATS:
-            hf.append(name) if name not in hf else None
+            hf.append(name)
         elif name == "gguf":
-            types += [t for t in gguf_default if t not in types]
+            types += list(gguf_default)
         elif kind == "gguf" and qtype:
-            types.append(qtype) if qtype not in types else None
+            types.append(qtype)
         else:
             problems.append(f"unknown format `{entry}`; use {', '.join(HF_FORMATS)}, gguf, or gguf:TYPE (e.g. gguf:q4_k_m)")
     if "gguf" in [str(f).strip().lower() for f in formats or []] and not gguf_default:
         problems.append("`gguf` asks for the types in `export.gguf_quantizations`, which is empty; name them as gguf:TYPE")
+    hf, types = list(dict.fromkeys(hf)), list(dict.fromkeys(types))  # asked twice: written once
     if types:
         try:
             types = check_types(types)
@@ -136,16 +141,10 @@ def parse_formats(formats, gguf_default=()) -> tuple[list[str], list[str]]:
     return hf, types
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _is_quantized(model) -> bool:
+def _quantization_config(model):
+    """The bitsandbytes settings the (base) model was loaded with, or None when it is not quantized."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False)
-                or getattr(base.config, "quantization_config", None))
+    return getattr(base.config, "quantization_config", None)
 
 
 def compare(model, ref, stops: set[int], *, kind: str, strict: bool = True, quantized: bool = False) -> dict:
@@ -215,9 +214,28 @@ def _summary(check: dict) -> str:
             f"stops {check['stopped']}/{check['stop_expected']}")
 
 
-def _quantization_config(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base.config, "quantization_config", None)
+def _room_to_reload(w: Written, device: str, dtype, cfg, quantized: bool) -> str | None:
+    """None when `w` can be loaded back beside the model in memory; else why not (sizes in GB)."""
+    import torch
+
+    from sftlib.gguf_verify import _available_ram
+    from sftlib.save import disk_bytes
+
+    width = torch.finfo(dtype).bits / 8
+    need = w.bytes * (width / 2 if w.format == "merged_16bit" else 1)  # merged_16bit files are bfloat16
+    if w.format == "lora":  # the base comes back too, as it trained
+        from sftlib.model import resolve_model_name
+
+        base = Path(resolve_model_name(cfg.model.name))
+        if base.is_dir():
+            stored_4bit = "quantization_config" in json.loads((base / "config.json").read_text())
+            need += disk_bytes(base) * (1 if stored_4bit else 0.3 if quantized else width / 2)
+    need *= 1.15
+    free = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else _available_ram()
+    if need <= free:
+        return None
+    where = "GPU" if device.startswith("cuda") else "RAM"
+    return f"loading it back needs about {need / 1e9:.1f} GB and the {where} has {free / 1e9:.1f} GB free"
 
 
 def _reload(fmt: str, path: Path, cfg, device: str, dtype, quantization=None):
@@ -253,7 +271,7 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
 
     from sftlib.gguf_verify import config_conversations, hf_reference
     from sftlib.model import stop_token_ids
-    from sftlib.save import save_adapters, save_merged, save_merged_4bit
+    from sftlib.save import disk_bytes, save_adapters, save_merged, save_merged_4bit
     from sftlib.templates import get_template
 
     start = time.time()
@@ -296,7 +314,7 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
         ref = hf_reference(model, tokenizer, template, conversations, max_new_tokens=max_new_tokens)
         model.train(was_training)
         stops = set(stop_token_ids(tokenizer, template))
-    quantized = _is_quantized(model)
+    quantized = _quantization_config(model) is not None
     scratch = None  # adapters / merged model needed only as a step towards another format
     try:
         adapter_dir = None
@@ -309,7 +327,7 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
             t0 = time.time()
             save_adapters(model, tokenizer, adapter_dir)
             if "lora" in hf_formats:
-                report.items.append(Written("lora", str(adapter_dir), _size(adapter_dir), time.time() - t0))
+                report.items.append(Written("lora", str(adapter_dir), disk_bytes(adapter_dir), time.time() - t0))
                 log(f"export: lora written to {adapter_dir} ({time.time() - t0:.1f}s)")
         merged_dir = None
         if "merged_16bit" in hf_formats or "merged_4bit" in hf_formats or types:
@@ -329,16 +347,22 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
                     tokenizer.save_pretrained(tmp)
                 model.to(dtype)
             if "merged_16bit" in hf_formats:
-                report.items.append(Written("merged_16bit", str(merged_dir), _size(merged_dir), time.time() - t0))
+                report.items.append(Written("merged_16bit", str(merged_dir), disk_bytes(merged_dir), time.time() - t0))
                 log(f"export: merged_16bit written to {merged_dir} ({time.time() - t0:.1f}s)")
         if "merged_4bit" in hf_formats:
             t0 = time.time()
             folder = save_merged_4bit(merged_dir, out / "merged_4bit")
-            report.items.append(Written("merged_4bit", str(folder), _size(folder), time.time() - t0))
+            report.items.append(Written("merged_4bit", str(folder), disk_bytes(folder), time.time() - t0))
             log(f"export: merged_4bit written to {folder} ({time.time() - t0:.1f}s)")
 
         if ref is not None:
             for w in report.items:
+                short = _room_to_reload(w, device, dtype, cfg, quantized)
+                if short:  # e.g. an 8B merged in 16-bit beside the training model on a 15 GB T4
+                    w.summary = f"not verified: {short}"
+                    log(f"export: {w.format} {w.summary}")
+                    warnings.warn(f"{w.format} was written but not checked: {short}")
+                    continue
                 log(f"export: verifying {w.format}: loading it back")
                 t0 = time.time()
                 other = _reload(w.format, Path(w.path), cfg, device, dtype, _quantization_config(model))

@@ -52,6 +52,14 @@ def check_free_space(folder: str | Path, needed_bytes: int, what: str, setting: 
         )
 
 
+def disk_bytes(path: str | Path) -> int:
+    """Bytes a file, or every file under a folder, takes on disk."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes the tensors take on disk; shared storage (tied embeddings) counted once."""
     unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in tensors}

@@ -191,3 +191,18 @@ def test_cli_export_from_an_adapter_folder(trained):
     none = subprocess.run([sys.executable, "-m", "sftlib", "export", "--model", str(empty), "--formats", "lora"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert none.returncode == 2 and "adapter_config.json" in none.stderr and "Traceback" not in none.stderr
+
+
+def test_a_format_too_big_to_load_back_is_written_and_said_unchecked(trained, monkeypatch):
+    """An 8B merged in 16-bit will not load beside the training model on a 15 GB T4: written, not checked, said so."""
+    import sftlib.gguf_verify
+    from sftlib.exporter import export
+
+    monkeypatch.setattr(sftlib.gguf_verify, "_available_ram", lambda: 1000)  # bytes free, as on a full machine
+    out = trained["tmp"] / "tight"
+    with pytest.warns(UserWarning, match="written but not checked"):
+        report = export(trained["model"], trained["tokenizer"], trained["cfg"], ["lora", "merged_16bit"], out=out,
+                        log=lambda s: None)
+    assert [(w.format, w.ok) for w in report.items] == [("lora", None), ("merged_16bit", None)]
+    assert all("not verified: loading it back needs about" in w.summary for w in report.items)
+    assert (out / "merged_16bit" / "model.safetensors").is_file() and report.ok
