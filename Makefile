@@ -25,8 +25,8 @@ demo: $(STAMP)
 # reinstalled from that cached wheel in seconds. The GGUF tests fail without it, so `test` installs it.
 gguf-deps: $(GGUF_STAMP)
 
-$(GGUF_STAMP): $(STAMP) sftlib/gguf_setup.py
-	$(VENV)/bin/python -m sftlib.gguf_setup
+$(GGUF_STAMP): $(STAMP) sftlib/exports/gguf/setup.py
+	$(VENV)/bin/python -m sftlib gguf-setup
 	touch $(GGUF_STAMP)
 
 test: $(STAMP) $(GGUF_STAMP)

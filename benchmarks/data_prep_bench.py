@@ -17,7 +17,7 @@ The paths, ChatML, the loss on every token (as in the article):
   then a second `map` tokenizing the text (what TRL's SFTTrainer does with a `text` dataset), with
   `--num-proc` processes;
 - sftlib: `sftlib.data.to_messages` (ShareGPT -> messages, every row checked) and
-  `sftlib.encode.encode_dataset` (render, tokenize, loss mask) as the pipeline calls them: one process,
+  `sftlib.data.encode.encode_dataset` (render, tokenize, loss mask) as the pipeline calls them: one process,
   in which the Rust tokenizer uses every core;
 - the floor: the Rust tokenizer alone (`encode_batch`, every core) on the rendered texts, which any
   path that produces these tokens with this tokenizer has to pay;
@@ -145,7 +145,7 @@ def article_path(ds, tokenizer, num_proc: int):
 def sftlib_path(ds, tokenizer, template, num_proc: int | None = None, train_on: str = "all", times: dict | None = None):
     """sftlib's path; `times` (if given) gets the seconds of its two steps."""
     from sftlib.data import to_messages
-    from sftlib.encode import encode_dataset
+    from sftlib.data import encode_dataset
 
     t0 = time.perf_counter()
     messages = to_messages(ds)
@@ -159,7 +159,7 @@ def sftlib_path(ds, tokenizer, template, num_proc: int | None = None, train_on: 
 def tokenizer_alone(ds, tokenizer, template, chunk: int = 1024) -> float:
     """Seconds the Rust tokenizer alone takes for the rendered texts, on every core (rendering not timed)."""
     from sftlib.data import to_messages
-    from sftlib.encode import render
+    from sftlib.data.encode import render
 
     texts = [render(template, tokenizer, m) for m in to_messages(ds)["messages"]]
     before = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -186,8 +186,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
 
-    from sftlib.model import prepare_tokenizer
-    from sftlib.templates import get_template
+    from sftlib.training.tokenizer import prepare_tokenizer
+    from sftlib.data.templates import get_template
 
     datasets.disable_caching()  # every run computes; no cached result is reused
     datasets.disable_progress_bars()

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 def _trained_demo(work: Path):
     from sftlib.config import RunConfig
-    from sftlib.pipeline import run
+    from sftlib.steps import run
 
     cfg = RunConfig.preset("cpu-demo").with_overrides({
         "train.output_dir": str(work / "train"), "export.output_dir": str(work / "unused"), "export.formats": [],
@@ -44,10 +44,12 @@ def _trained_demo(work: Path):
 def _adapters_on(base: str, template: str, seed: int, max_len: int):
     import torch
 
-    from sftlib.backend import choose_backend, resolve
+    from sftlib.training.backend import choose_backend, resolve
     from sftlib.config import RunConfig
-    from sftlib.model import add_lora, load_model, prepare_tokenizer
-    from sftlib.templates import get_template
+    from sftlib.training.lora import add_lora
+    from sftlib.training.model import load_model
+    from sftlib.training.tokenizer import prepare_tokenizer
+    from sftlib.data.templates import get_template
 
     cuda = torch.cuda.is_available()
     cfg = RunConfig().with_overrides({
@@ -57,7 +59,7 @@ def _adapters_on(base: str, template: str, seed: int, max_len: int):
     resolve(cfg, backend)
     model, tokenizer = load_model(cfg, backend)
     info = prepare_tokenizer(model, tokenizer, get_template(template))
-    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens), new_token_ids=info.added_token_ids)
+    model = add_lora(model, cfg, backend, info)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     import torch
 
     import sftlib
-    from sftlib.gguf_verify import DEFAULT_CONVERSATIONS, config_conversations
+    from sftlib.exports.reference import DEFAULT_CONVERSATIONS, config_conversations
 
     a.out.mkdir(parents=True, exist_ok=True)
     work = a.work or a.out / "work"

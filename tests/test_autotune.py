@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from sftlib import autotune
-from sftlib.autotune import GiB, ModelDims, plan
+from sftlib.training import autotune
+from sftlib.training.autotune import GiB, ModelDims, plan
 from sftlib.config import ConfigError, RunConfig
 
 LLAMA_8B = ModelDims(layers=32, hidden=4096, intermediate=14336, vocab=128256)
@@ -84,8 +84,8 @@ def test_config_accepts_auto_and_the_gpu_auto_preset():
 
 
 def test_add_lora_on_the_cpu_resolves_auto_without_touching_the_batch(tiny):
-    from sftlib.backend import Backend
-    from sftlib.model import add_lora
+    from sftlib.training.backend import Backend
+    from sftlib.training.lora import add_lora
 
     model, _ = tiny
     cfg = RunConfig.preset("cpu-demo", {"train.gradient_checkpointing": "auto", "train.auto_batch": True})

@@ -11,10 +11,12 @@ import warnings
 import pytest
 import torch
 
-from sftlib.backend import Backend, choose_backend, resolve
+from sftlib.training.backend import Backend, choose_backend, resolve
 from sftlib.config import RunConfig
-from sftlib.model import ModelLoadError, add_lora, load_model, prepare_tokenizer
-from sftlib.templates import get_template
+from sftlib.training.lora import add_lora
+from sftlib.training.model import ModelLoadError, load_model
+from sftlib.training.tokenizer import prepare_tokenizer
+from sftlib.data.templates import get_template
 
 CPU = Backend("cpu", "cpu", "test")
 
@@ -70,8 +72,7 @@ def test_only_the_added_token_rows_are_trained_by_default(tiny):
     model, tokenizer = tiny
     cfg = RunConfig.preset("cpu-demo", {"lora.train_embeddings": "auto"})  # the default; the demo trains all
     info = prepare_tokenizer(model, tokenizer, get_template("chatml"))
-    peft_model = add_lora(model, cfg, CPU, train_embeddings=bool(info.added_tokens),
-                          new_token_ids=info.added_token_ids)
+    peft_model = add_lora(model, cfg, CPU, info)
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
     rows = {n: p for n, p in trainable.items() if "trainable_tokens" in n}
@@ -88,7 +89,7 @@ def test_train_embeddings_always_trains_whole_matrices(tiny):
     model, tokenizer = tiny
     cfg = RunConfig.preset("cpu-demo", {"lora.train_embeddings": "always"})
     info = prepare_tokenizer(model, tokenizer, get_template("chatml"))
-    peft_model = add_lora(model, cfg, CPU, train_embeddings=True, new_token_ids=info.added_token_ids)
+    peft_model = add_lora(model, cfg, CPU, info)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any("embed_tokens" in n and "modules_to_save" in n for n in trainable)
     assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
@@ -97,7 +98,7 @@ def test_train_embeddings_always_trains_whole_matrices(tiny):
 def test_lora_without_new_tokens_leaves_embeddings_frozen(tiny):
     model, tokenizer = tiny
     cfg = RunConfig.preset("cpu-demo", {"lora.train_embeddings": "auto"})
-    peft_model = add_lora(model, cfg, CPU, train_embeddings=False)
+    peft_model = add_lora(model, cfg, CPU)  # no tokens were added
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 

@@ -51,8 +51,8 @@ def test_stand_in_tokenizer_has_llama3_size_and_special_ids():
 def test_data_prep_paths_give_the_same_tokens():
     import datasets
 
-    from sftlib.model import prepare_tokenizer
-    from sftlib.templates import get_template
+    from sftlib.training.tokenizer import prepare_tokenizer
+    from sftlib.data.templates import get_template
 
     tokenizer, _ = data_prep_bench.llama3_tokenizer()
     template = get_template("chatml")

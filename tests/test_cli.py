@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from sftlib.demo_data import build
+from sftlib.demo import build_data as build
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from sftlib.config import (
-    PRESET_HELP,
+    PRESET_NAMES,
     PRESETS,
     ConfigError,
     DataConfig,
@@ -26,7 +26,7 @@ from sftlib.config import (
 def problems_of(fn, *args, **kw) -> list[str]:
     with pytest.raises(ConfigError) as info:
         fn(*args, **kw)
-    return info.value.problems
+    return [str(p) for p in info.value.problems]
 
 
 def a_changed_config() -> RunConfig:
@@ -71,12 +71,15 @@ def test_list_defaults_are_not_shared():
     assert "lm_head" not in b.lora.target_modules
 
 
-@pytest.mark.parametrize("name", ["article", "colab-t4", "colab-a100", "h100", "cpu-demo"])
-def test_each_preset_validates_and_is_described(name):
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_each_preset_validates_and_its_file_says_what_it_is_for(name):
     cfg = RunConfig.preset(name).validate()
-    assert name in PRESET_HELP
-    for key in PRESETS[name]:
+    preset = PRESETS[name]
+    for key in preset.values:
         assert cfg.sources[key] == f"preset:{name}"
+    header = [line for line in open(preset.path, encoding="utf-8") if line.startswith("#")]
+    assert header[0].startswith(f"# {name}:"), "the header starts with what the preset is for"
+    assert any("python -m sftlib" in line or "papermill" in line for line in header), "and a command that uses it"
     # Same effective batch as the article except on the toy CPU demo.
     if name != "cpu-demo":
         assert cfg.train.batch_size * cfg.train.grad_accum == 16
@@ -89,13 +92,24 @@ def test_article_preset_is_defaults_plus_loss_on_all_tokens():
     assert article == defaults
 
 
-def test_preset_values():
-    t4 = RunConfig.preset("colab-t4")
-    assert (t4.model.dtype, t4.train.batch_size, t4.train.grad_accum) == ("float16", 2, 8)
-    demo = RunConfig.preset("cpu-demo")
-    assert demo.model.name == "demo" and demo.data.source == "demo" and not demo.model.load_in_4bit
-    assert (demo.train.optim, demo.train.gradient_checkpointing, demo.model.max_seq_length) == ("adamw_torch", "false", 256)
-    assert demo.export.formats == ["lora", "merged_16bit"] and demo.train.output_dir == "outputs/demo"
+def test_every_list_of_presets_names_them_all():
+    """The CLI's help and the README are written against one list: a preset added as a file shows everywhere."""
+    from pathlib import Path
+
+    from sftlib.cli import _parser
+
+    train = _parser()._subparsers._group_actions[0].choices["train"]
+    help_text = next(a.help for a in train._actions if "--preset" in a.option_strings)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for name in PRESET_NAMES:
+        assert name in help_text, f"`--preset` help does not name {name}"
+        assert f"`{name}`" in readme, f"README does not name the preset {name}"
+
+
+def test_problems_carry_the_key_they_are_about():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict({"lora": {"r": 0}, "train": {"learning_rate": 5}, "nope": 1})
+    assert sorted(p.key for p in info.value.problems) == ["lora.r", "nope", "train.learning_rate"]
 
 
 def test_unknown_preset_suggests_the_nearest():
@@ -164,7 +178,7 @@ def test_all_problems_are_reported_at_once():
         "`model.chat_template`",
         "did you mean `chatml`?",
         "`export.push_to_hub` is true but `export.hub_repo` is empty",
-        "`export.formats` must be one of lora, merged_16bit, merged_4bit, gguf, got 'onnx'",
+        "`export.formats`: unknown format `onnx`; use lora, merged_16bit, merged_4bit, gguf or gguf:TYPE",
         "`data.eval_size` above 1 is a row count and must be whole, got 2.5",
     ]
     text = "\n".join(problems)
@@ -213,7 +227,7 @@ def test_validate_reports_wrong_types_set_in_code_instead_of_crashing():
 
 
 def test_chat_template_names_come_from_the_templates_module():
-    from sftlib.config import _template_names
+    from sftlib.config import template_names as _template_names
 
     names = _template_names()
     for name in ("chatml", "llama-3.1", "mistral", "gemma", "qwen-2.5"):
@@ -276,7 +290,7 @@ def test_scalars_are_coerced_sensibly():
     ("lora.r", True, "`lora.r` must be an integer, got True (bool)"),
     ("model.load_in_4bit", 1, "`model.load_in_4bit` must be true or false, got 1 (int)"),
     ("model.load_in_4bit", "yes", "`model.load_in_4bit` must be true or false, got 'yes' (str)"),
-    ("train.learning_rate", "fast", "`train.learning_rate` must be a number, got 'fast' (str)"),
+    ("train.learning_rate", "fast", "`train.learning_rate` must be a finite number, got 'fast' (str)"),
     ("model.name", 7, "`model.name` must be text, got 7 (int)"),
     ("model.name", True, "`model.name` must be text, got True (bool)"),
     ("lora.target_modules", ["q_proj", 3], "`lora.target_modules` must be a list of text"),

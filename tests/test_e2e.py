@@ -35,7 +35,7 @@ def _write_chat_data(path: Path, n: int = 64) -> Path:
 def trained(tiny_model_dir, tmp_path):
     """Run the pipeline pieces once and keep what the assertions need."""
     from conftest import with_lora
-    from sftlib.train import train
+    from sftlib.training.trainer import train
 
     data = _write_chat_data(tmp_path / "chat.jsonl")
     cfg = RunConfig.preset("cpu-demo").with_overrides({
@@ -79,7 +79,7 @@ def test_generation_stops_at_end_of_turn(trained):
 
 
 def test_adapters_reload_and_merge_give_the_same_logits(trained):
-    from sftlib.save import load_adapters, save_adapters, save_merged
+    from sftlib.exports.merged import load_adapters, save_adapters, save_merged
     from transformers import AutoModelForCausalLM
 
     cfg, model, tokenizer, tmp = trained["cfg"], trained["model"], trained["tokenizer"], trained["tmp"]
@@ -114,13 +114,15 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     """`lora.train_embeddings: auto` trains just the added tokens' rows; reload and merge keep them."""
     from transformers import AutoModelForCausalLM
 
-    from sftlib.backend import choose_backend
+    from sftlib.training.backend import choose_backend
     from sftlib.data import load_dataset
-    from sftlib.encode import encode_dataset
-    from sftlib.save import load_adapters, save_adapters, save_merged
-    from sftlib.model import add_lora, load_model, prepare_tokenizer
-    from sftlib.templates import get_template
-    from sftlib.train import train
+    from sftlib.data import encode_dataset
+    from sftlib.exports.merged import load_adapters, save_adapters, save_merged
+    from sftlib.training.lora import add_lora
+    from sftlib.training.model import load_model
+    from sftlib.training.tokenizer import prepare_tokenizer
+    from sftlib.data.templates import get_template
+    from sftlib.training.trainer import train
 
     cfg = RunConfig.preset("cpu-demo").with_overrides({
         "model.name": str(tiny_model_dir), "data.source": str(_write_chat_data(tmp_path / "c.jsonl", 16)),
@@ -133,7 +135,7 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     info = prepare_tokenizer(model, tokenizer, template)
     base_embed = model.get_input_embeddings().weight.detach().clone()
     rows = encode_dataset(load_dataset(cfg.data)[0], tokenizer, template, max_length=128)
-    model = add_lora(model, cfg, backend, train_embeddings=True, new_token_ids=info.added_token_ids)
+    model = add_lora(model, cfg, backend, info)
     train(cfg, model, tokenizer, rows, backend=backend)
     ids = torch.tensor([rows[0]["input_ids"]])
     model.eval()

@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
-from sftlib.encode import IGNORE, EncodeError, encode_conversation, prompt_ids
-from sftlib.model import prepare_tokenizer
-from sftlib.templates import TEMPLATES, get_template
+from sftlib.data.encode import IGNORE, EncodeError, encode_conversation, prompt_ids
+from sftlib.training.tokenizer import prepare_tokenizer
+from sftlib.data.templates import TEMPLATES, get_template
 
 TWO_TURNS = [
     {"role": "system", "content": "You are terse."},
@@ -134,7 +134,7 @@ def test_packed_conversations_do_not_see_each_other(tiny):
 def test_a_row_the_template_cannot_express_is_named(tiny):
     from datasets import Dataset
 
-    from sftlib.encode import encode_dataset
+    from sftlib.data import encode_dataset
 
     model, tokenizer = tiny
     template = get_template("gemma")  # strictly alternating user/assistant
@@ -198,7 +198,7 @@ def _outcome(run):
 
 
 def _same_as_reference(dataset, tokenizer, template, types=True, **kw):
-    from sftlib.encode import encode_dataset
+    from sftlib.data import encode_dataset
 
     fast = _outcome(lambda: encode_dataset(dataset, tokenizer, template, **kw))
     reference = _outcome(lambda: _reference(dataset, tokenizer, template, **kw))
@@ -209,10 +209,10 @@ def _same_as_reference(dataset, tokenizer, template, types=True, **kw):
 @pytest.fixture()
 def small_batches(monkeypatch):
     """Batches of 16 rows and tokenizer calls of 5 texts, so that every test crosses both boundaries."""
-    from sftlib import encode
+    from sftlib.data import encode_batch
 
-    monkeypatch.setattr(encode, "BATCH_ROWS", 16)
-    monkeypatch.setattr(encode, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(encode_batch, "BATCH_ROWS", 16)
+    monkeypatch.setattr(encode_batch, "CHUNK_ROWS", 5)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def any_tokenizer(request, tiny_model_dir, spm_folder):
     """A fresh tokenizer of each kind: the byte-level BPE of the tiny model, and a SentencePiece one."""
     from transformers import AutoTokenizer
 
-    from sftlib.encode import _rust_tokenizer
+    from sftlib.data.encode_batch import _rust_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir if request.param == "bpe" else spm_folder)
     assert _rust_tokenizer(tokenizer) is not None  # so the comparisons below test the Rust batch path
@@ -301,7 +301,7 @@ def test_a_template_of_ones_own_still_gets_every_check(tiny, small_batches):
 
     from datasets import Dataset
 
-    from sftlib.templates import CHATML
+    from sftlib.data.templates import CHATML
 
     _, tokenizer = tiny
     copy = dataclasses.replace(CHATML, name="chatml-copy")
@@ -346,7 +346,7 @@ def test_without_the_rust_shortcut_and_with_workers(tiny, monkeypatch):
     """The tokenizer's own batched call (used for tokenizers the shortcut does not cover), and `num_proc=2`."""
     from datasets import Dataset
 
-    from sftlib import encode
+    from sftlib.data import encode_batch as encode
 
     _, tokenizer = tiny
     template = get_template("llama-3.1")
@@ -363,7 +363,7 @@ def test_without_the_rust_shortcut_and_with_workers(tiny, monkeypatch):
 def test_rust_threads_only_for_the_call(tiny, monkeypatch):
     from datasets import Dataset
 
-    from sftlib import encode
+    from sftlib.data import encode_batch as encode
 
     _, tokenizer = tiny
     template = get_template("chatml")
@@ -385,7 +385,8 @@ def test_vectorised_mask_equals_the_loop():
     overlapping, rows without spans or tokens, and offsets past the end of the text (those take the loop)."""
     import numpy as np
 
-    from sftlib.encode import _mask, _mask_batch
+    from sftlib.data.encode import mask_labels as _mask
+    from sftlib.data.encode_batch import _mask_batch
 
     rng = np.random.default_rng(0)
     for trial in range(400):
@@ -424,13 +425,13 @@ def _to_messages_reference(rows, mapping=None, source=None):
     """to_messages as it was: the Python row checks, then `_convert_batch` through `Dataset.map`."""
     import functools
 
-    from sftlib import data
+    from sftlib.data import check, convert, detect
 
-    m = data._check_mapping(mapping)
-    lay = data._layout(data.detect_format(rows, m), m, rows.column_names)
-    data._raise_problems(rows, lay, m, source)
-    return rows.map(functools.partial(data._convert_batch, lay=lay), batched=True, remove_columns=rows.column_names,
-                    features=data.MESSAGES_FEATURES)
+    m = detect.check_mapping(mapping)
+    lay = detect.layout_for(detect.detect_format(rows, m), m, rows.column_names)
+    check.raise_problems(rows, lay, m, source)
+    return rows.map(functools.partial(convert.convert_batch, lay=lay), batched=True, remove_columns=rows.column_names,
+                    features=convert.MESSAGES_FEATURES)
 
 
 def _chat_rows(kind: str) -> list[dict]:
@@ -454,14 +455,15 @@ def test_arrow_conversion_equals_python(kind, monkeypatch):
     import datasets
 
     from sftlib import data
+    from sftlib.data import convert, detect
 
-    monkeypatch.setattr(data, "ARROW_BATCH_ROWS", 7)  # several batches, the last one short
+    monkeypatch.setattr(convert, "ARROW_BATCH_ROWS", 7)  # several batches, the last one short
     mapping = {"messages": "dialog", "role": "speaker", "content": "text", "user": "customer",
                "assistant": "agent"} if kind == "custom" else None
     rows = datasets.Dataset.from_list(_chat_rows(kind))
     for part in (rows, rows.select(range(3, 22)), rows.select([9, 2, 17, 4])):  # slices and index mappings too
-        m = data._check_mapping(mapping)
-        assert data._arrow_checks_pass(part, data._layout(data.detect_format(part, m), m, part.column_names))
+        m = detect.check_mapping(mapping)
+        assert convert.arrow_checks_pass(part, detect.layout_for(detect.detect_format(part, m), m, part.column_names))
         out, reference = data.to_messages(part, mapping=mapping), _to_messages_reference(part, mapping)
         assert out.features == reference.features and out.to_dict() == reference.to_dict()
         assert out.format["type"] is None
@@ -472,8 +474,9 @@ def test_arrow_checks_leave_every_problem_to_the_python_checks(monkeypatch):
     import datasets
 
     from sftlib import data
+    from sftlib.data import convert
 
-    monkeypatch.setattr(data, "ARROW_BATCH_ROWS", 7)
+    monkeypatch.setattr(convert, "ARROW_BATCH_ROWS", 7)
     good = _chat_rows("sharegpt")
 
     def turn(who, text):

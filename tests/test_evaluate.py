@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from sftlib.evaluate import figures, figures_of, plot_loss, results_html, results_table, write_figures
-from sftlib.pipeline import RunResult
+from sftlib.checks.evaluate import figures, figures_of, plot_loss, results_html, results_table, write_figures
+from sftlib.steps import RunResult
 
 
 def _result() -> RunResult:
@@ -64,7 +64,7 @@ def test_loss_plot_without_matplotlib_is_none_with_a_warning(monkeypatch):
 def test_training_path_does_not_import_matplotlib():
     import subprocess
 
-    code = ("import sys, sftlib.pipeline, sftlib.evaluate, sftlib.preflight, sftlib.train; "
+    code = ("import sys, sftlib.steps, sftlib.checks.evaluate, sftlib.checks.preflight, sftlib.training.trainer; "
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

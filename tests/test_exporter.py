@@ -25,7 +25,7 @@ PAIRS = [("Which colour is the sky?", "The colour is blue."), ("What colour is t
 def trained(tiny_model_dir, tmp_path_factory):
     """The tiny model fine-tuned until it answers and stops (LoRA in memory, float32)."""
     from conftest import with_lora
-    from sftlib.train import train
+    from sftlib.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("exporter")
     data = tmp / "chat.jsonl"
@@ -54,7 +54,8 @@ def exported(trained):
 
 
 def test_parse_formats():
-    from sftlib.exporter import ExportError, parse_formats
+    from sftlib.exports.api import parse_formats
+    from sftlib.exports.report import ExportError
 
     assert parse_formats("lora,merged_16bit,gguf:q4_k_m,gguf:q8_0") == (["lora", "merged_16bit"], ["q4_k_m", "q8_0"])
     assert parse_formats(["gguf", "gguf:F16", "merged_4bit"], ["q8_0", "q2_k"]) == (["merged_4bit"], ["q8_0", "q2_k", "f16"])
@@ -103,10 +104,11 @@ def test_a_broken_write_is_reported_and_kept_aside(trained, monkeypatch):
     """Sabotage the merge after it is written: the check must catch it, name it, and keep the folder aside."""
     from safetensors.torch import load_file, save_file
 
-    import sftlib.save
-    from sftlib.exporter import ExportVerifyError, export
+    import sftlib.exports.merged
+    from sftlib.exports.api import export
+    from sftlib.exports.report import ExportVerifyError
 
-    real = sftlib.save.save_merged
+    real = sftlib.exports.merged.save_merged
 
     def broken(*args, **kwargs):
         folder = real(*args, **kwargs)
@@ -116,7 +118,7 @@ def test_a_broken_write_is_reported_and_kept_aside(trained, monkeypatch):
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
         return folder
 
-    monkeypatch.setattr(sftlib.save, "save_merged", broken)
+    monkeypatch.setattr(sftlib.exports.merged, "save_merged", broken)
     out = trained["tmp"] / "broken"
     with pytest.raises(ExportVerifyError, match="merged_16bit"):
         export(trained["model"], trained["tokenizer"], trained["cfg"], ["lora", "merged_16bit"], out=out,
@@ -127,12 +129,28 @@ def test_a_broken_write_is_reported_and_kept_aside(trained, monkeypatch):
     assert [(i["format"], i["ok"]) for i in saved["items"]] == [("lora", True), ("merged_16bit", False)]
 
 
+def _nf4_in_float32(weight) -> torch.Tensor:
+    """The values an NF4 weight stands for, computed here in float32: code[index] * absmax of its block.
+
+    Written out rather than asked of bitsandbytes, whose CPU kernels compute in bfloat16 on CPUs with
+    avx512_bf16 (and repack the weight on its first forward): the reference must not depend on the machine."""
+    state = weight.quant_state
+    assert not state.nested, "double quantization is not used here"
+    packed = weight.data.flatten().to(torch.uint8)
+    index = torch.stack([packed >> 4, packed & 0x0F], dim=-1).flatten().long()  # two codes a byte, high first
+    n = state.shape.numel()
+    blocks = state.code.float()[index][:n].view(-1, state.blocksize)
+    return (blocks * state.absmax.float()[:, None]).reshape(state.shape)
+
+
 def test_merged_16bit_from_a_base_stored_in_4bit_is_a_plain_16bit_model(trained, tmp_path):
-    """An `...-bnb-4bit` base: the merge dequantizes it first instead of writing a 4-bit model again."""
-    from peft import LoraConfig, get_peft_model
+    """An `...-bnb-4bit` base: the merge dequantizes it first instead of writing a 4-bit model again, and the
+    merged model computes what the 4-bit weights stand for plus the adapters."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from sftlib.save import load_adapters, save_adapters, save_merged
+    from sftlib.exports.merged import save_adapters, save_merged
 
     base_dir = Path(trained["cfg"].model.name)
     quantized = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(
@@ -152,17 +170,31 @@ def test_merged_16bit_from_a_base_stored_in_4bit_is_a_plain_16bit_model(trained,
     assert not config.get("quantization_config")
     merged = AutoModelForCausalLM.from_pretrained(folder)
     assert type(merged.model.layers[0].mlp.down_proj) is torch.nn.Linear
-    reference, _ = load_adapters(str(tmp_path / "base-bnb-4bit"), tmp_path / "lora")  # 4-bit base + adapters
+
+    # The reference: the float32 base with every 4-bit weight replaced by the values it stands for, and the
+    # adapters unmerged on top. No bitsandbytes kernel runs in it.
+    reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    stored = AutoModelForCausalLM.from_pretrained(tmp_path / "base-bnb-4bit")  # never run: weights as saved
+    replaced = 0
+    for name, module in stored.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            reference.get_submodule(name).weight.data = _nf4_in_float32(module.weight)
+            replaced += 1
+    assert replaced == 7 * reference.config.num_hidden_layers
+    reference = PeftModel.from_pretrained(reference, tmp_path / "lora")
     ids = torch.tensor([tokenizer("The capital of France is Paris.")["input_ids"]])
     with torch.no_grad():
-        diff = (merged(ids).logits - reference(ids).logits).abs().max().item()
-    assert diff < 1e-3, diff  # the dequantized weights are the 4-bit values exactly; the merge adds float error only
+        got, want = merged(ids).logits, reference(ids).logits
+    # Both are float32 sums of the same products, W x + B A x in one and (W + B A) x in the other: they
+    # differ by rounding, about 1e-7 of the largest logit a term; 1e-4 of it is far above that and far
+    # below any wrong weight (one NF4 step is ~10% of a weight).
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item() + 1e-6
 
 
 def test_cli_export_from_an_adapter_folder(trained):
     """`python -m sftlib export --model DIR --formats ... --out DIR` in a fresh process, no config: the base
     comes from the adapters, the template from the saved tokenizer."""
-    from sftlib.save import save_adapters
+    from sftlib.exports.merged import save_adapters
 
     tmp = trained["tmp"]
     save_adapters(trained["model"], trained["tokenizer"], tmp / "cli-lora")
@@ -195,10 +227,10 @@ def test_cli_export_from_an_adapter_folder(trained):
 
 def test_a_format_too_big_to_load_back_is_written_and_said_unchecked(trained, monkeypatch):
     """An 8B merged in 16-bit will not load beside the training model on a 15 GB T4: written, not checked, said so."""
-    import sftlib.gguf_verify
-    from sftlib.exporter import export
+    import sftlib.exports.gguf.verify
+    from sftlib.exports.api import export
 
-    monkeypatch.setattr(sftlib.gguf_verify, "_available_ram", lambda: 1000)  # bytes free, as on a full machine
+    monkeypatch.setattr(sftlib.exports.gguf.verify, "_available_ram", lambda: 1000)  # bytes free, as on a full machine
     out = trained["tmp"] / "tight"
     with pytest.warns(UserWarning, match="written but not checked"):
         report = export(trained["model"], trained["tokenizer"], trained["cfg"], ["lora", "merged_16bit"], out=out,

@@ -1,6 +1,6 @@
 """GGUF export, run in llama.cpp and compared with transformers, on the CPU and offline.
 
-    python -m sftlib.gguf_setup          # once per machine (`make test` does it); then:
+    python -m sftlib gguf-setup          # once per machine (`make test` does it); then:
     pytest tests/test_gguf.py -q
 
 The models here have hidden size 256, because K-quants work on rows of 256 values: with a smaller
@@ -27,12 +27,12 @@ import torch
 try:
     import llama_cpp
 except ImportError as exc:  # pragma: no cover - the point is to fail loudly
-    raise ImportError(f"llama_cpp is not installed ({exc}); run `python -m sftlib.gguf_setup` (`make test` does)") from exc
+    raise ImportError(f"llama_cpp is not installed ({exc}); run `python -m sftlib gguf-setup` (`make test` does)") from exc
 
-from sftlib.gguf import (GGUFExportError, GGUFVerifyError, check_types, estimate_bytes, export_gguf,
-                         suggest_pre_tokenizer)
-from sftlib.gguf_setup import find_toolchain
-from sftlib.templates import get_template
+from sftlib.exports.gguf.convert import (GGUFExportError, GGUFVerifyError, check_types, estimate_bytes, suggest_pre_tokenizer)
+from sftlib.exports.gguf.export import export_gguf
+from sftlib.exports.gguf.setup import find_toolchain
+from sftlib.data.templates import get_template
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -89,7 +89,7 @@ def _llama(tokenizer, seed=0):
 
 def _train(model, tokenizer, template, conversations, steps):
     """Full fine-tuning on the assistant turns, with sftlib's own loss mask."""
-    from sftlib.encode import encode_conversation
+    from sftlib.data.encode import encode_conversation
 
     rows = [encode_conversation(tokenizer, template, c) for c in conversations]
     width = max(len(r["input_ids"]) for r in rows)
@@ -122,7 +122,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def chatml_dir(tmp_path_factory):
     """A merged-model folder as sftlib writes it (bfloat16 safetensors + fitted tokenizer), ChatML-tuned."""
-    from sftlib.model import prepare_tokenizer
+    from sftlib.training.tokenizer import prepare_tokenizer
 
     corpus = [f"{q} {a}" for q, a in QA] * 30 + ["Tabs\tand\nnewlines, quotes \"like this\", émojis 🙂, I've 1234567"] * 10
     tokenizer = _bpe_tokenizer(corpus)
@@ -169,16 +169,16 @@ def _tensor_types(path) -> set[str]:
 def test_every_type_is_written_verified_and_within_measured_bounds(exported):
     result, lines = exported
     assert result.ok, result.table()
-    assert [f.type for f in result.files] == SWEEP
-    for f in result.files:
-        assert Path(f.path).is_file() and Path(f.path).name == f"tiny-chat.{f.type.upper()}.gguf"
+    assert [f.format for f in result.items] == [f"gguf:{t}" for t in SWEEP]
+    for f in result.items:
+        assert Path(f.path).is_file() and Path(f.path).name == f"tiny-chat.{f.format.split(':')[1].upper()}.gguf"
         c = f.check
         assert c["token_mismatches"] == [] and c["token_strings"] >= 15
         assert c["prompt_parity"] is True
-        assert c["stop_expected"] == len(CHECKS) and c["stopped"] == len(CHECKS), (f.type, c["replies"])
-    sizes = [f.bytes for f in result.files]
+        assert c["stop_expected"] == len(CHECKS) and c["stopped"] == len(CHECKS), (f.format, c["replies"])
+    sizes = [f.bytes for f in result.items]
     assert sizes == sorted(sizes, reverse=True), sizes  # bf16 = f16 > q8_0 > q6_k > ... > q2_k
-    checks = {f.type: f.check for f in result.files}
+    checks = {f.format.split(":")[1]: f.check for f in result.items}
     for qtype, bound in BOUNDS.items():
         c = checks[qtype]
         assert c["max_abs_dlogit"] <= bound["dlogit"], (qtype, c["max_abs_dlogit"])
@@ -191,7 +191,7 @@ def test_every_type_is_written_verified_and_within_measured_bounds(exported):
 
 
 def test_k_quants_really_use_k_blocks(exported):
-    files = {f.type: f.path for f in exported[0].files}
+    files = {f.format.split(":")[1]: f.path for f in exported[0].items}
     assert "Q4_K" in _tensor_types(files["q4_k_m"]) and "Q6_K" in _tensor_types(files["q6_k"])
     assert "Q2_K" in _tensor_types(files["q2_k"]) and "Q3_K" in _tensor_types(files["q3_k_m"])
     for qtype in ("q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"):
@@ -202,7 +202,7 @@ def test_metadata_carries_template_bos_and_end_of_turn(exported, chatml_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(chatml_dir)
-    meta = _metadata(next(f.path for f in exported[0].files if f.type == "q4_k_m"))
+    meta = _metadata(next(f.path for f in exported[0].items if f.format == "gguf:q4_k_m"))
     # training put BOS before a template that does not write it: the GGUF template writes it
     assert meta["tokenizer.chat_template"] == "{{ bos_token }}" + get_template("chatml").jinja
     assert meta["tokenizer.ggml.add_bos_token"] == "true"
@@ -214,10 +214,10 @@ def test_metadata_carries_template_bos_and_end_of_turn(exported, chatml_dir):
 def test_chat_completion_stops_at_im_end_with_one_bos(exported, chatml_dir):
     from transformers import AutoTokenizer
 
-    from sftlib.encode import prompt_ids
+    from sftlib.data.encode import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(chatml_dir)
-    path = next(f.path for f in exported[0].files if f.type == "q4_k_m")
+    path = next(f.path for f in exported[0].items if f.format == "gguf:q4_k_m")
     llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -234,8 +234,8 @@ def test_report_and_modelfile_sit_beside_the_files(exported):
     result, _ = exported
     out = Path(result.out_dir)
     report = json.loads((out / "gguf_report.json").read_text())
-    assert [f["type"] for f in report["files"]] == SWEEP and all(f["ok"] for f in report["files"])
-    assert report["settings"]["add_bos"] is True and report["settings"]["stop_strings"] == ["<|im_end|>", "<|end_of_text|>"]
+    assert [f["format"] for f in report["items"]] == [f"gguf:{t}" for t in SWEEP] and all(f["ok"] for f in report["items"])
+    assert report["extra"]["settings"]["add_bos"] is True and report["extra"]["settings"]["stop_strings"] == ["<|im_end|>", "<|end_of_text|>"]
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny-chat.Q4_K_M.gguf\n")
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|end_of_text|>"' in modelfile
@@ -258,7 +258,7 @@ def test_forced_verification_failure_is_reported_and_the_file_kept_aside(chatml_
                     conversations=CHECKS[:1], log=lambda s: None)
     assert sorted(p.name for p in out.iterdir()) == ["gguf_report.json", "sftlib-model.F16.gguf.failed"]
     report = json.loads((out / "gguf_report.json").read_text())
-    assert report["files"][0]["ok"] is False and report["files"][0]["check"]["prompt_parity"] is False
+    assert report["items"][0]["ok"] is False and report["items"][0]["check"]["prompt_parity"] is False
 
 
 class _Interrupt(BaseException):
@@ -281,7 +281,7 @@ def test_killed_export_leaves_only_hidden_temporary_files(chatml_dir, tmp_path):
     """SIGKILL gives no chance to clean up: what is left must not look finished, and the next export clears it."""
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        from sftlib.gguf import export_gguf
+        from sftlib.exports.gguf.export import export_gguf
         export_gguf({str(chatml_dir)!r}, {str(out)!r}, ["f16", "q8_0"], template="chatml",
                     pre_tokenizer="llama-bpe", log=lambda s: print(s, flush=True))
     """)
@@ -298,7 +298,7 @@ def test_killed_export_leaves_only_hidden_temporary_files(chatml_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     left = sorted(p.name for p in out.iterdir())
     assert left and all(n.startswith(".") and ".partial-" in n for n in left), left
-    from sftlib.gguf import _remove_dead_partials
+    from sftlib.exports.gguf.export import _remove_dead_partials
 
     _remove_dead_partials(out, "sftlib-model")
     assert list(out.iterdir()) == []
@@ -307,9 +307,9 @@ def test_killed_export_leaves_only_hidden_temporary_files(chatml_dir, tmp_path):
 def test_disk_space_is_checked_before_anything_is_written(chatml_dir, exported, tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from sftlib.save import DiskSpaceError
+    from sftlib.files import DiskSpaceError
 
-    written = sum(f.bytes for f in exported[0].files)
+    written = sum(f.bytes for f in exported[0].items)
     estimate = estimate_bytes(chatml_dir, SWEEP, "bf16")
     assert written <= estimate <= 3 * written, (written, estimate)
     usage = namedtuple("usage", "total used free")
@@ -337,7 +337,7 @@ def spm_dir(tmp_path_factory):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from sftlib.model import prepare_tokenizer
+    from sftlib.training.tokenizer import prepare_tokenizer
 
     root = tmp_path_factory.mktemp("spm")
     texts = [f"{q} {a}" for q, a in QA] * 40 + ["Tabs\tand\nnewlines, émojis 🙂, 1234567 [INST] x [/INST]"] * 10
@@ -361,16 +361,16 @@ def test_sentencepiece_model_with_mistral_template(spm_dir):
         result = export_gguf(spm_dir, spm_dir.parent / "gguf", ["f16", "q8_0"], template="mistral",
                              model_name="tiny-spm", max_new_tokens=12, log=lambda s: None)
     assert result.ok, result.table()
-    f16, q8 = (f.check for f in result.files)
+    f16, q8 = (f.check for f in result.items)
     assert f16["token_mismatches"] == [] and f16["prompt_parity"] is True  # one BOS: the template's own
     assert f16["max_abs_dlogit"] <= 0.05 and f16["greedy_identical"] == 3
     assert q8["mean_kl"] <= 2e-3
-    meta = _metadata(result.files[0].path)
+    meta = _metadata(result.items[0].path)
     assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_bos_token"] == "true"
     # transformers puts no "▁" before a word that follows a special token; llama.cpp must not either
     assert meta["tokenizer.ggml.add_space_prefix"] == "false"
     assert meta["tokenizer.chat_template"] == get_template("mistral").jinja  # it writes BOS itself: unchanged
-    assert 'PARAMETER stop "</s>"' in Path(result.modelfile).read_text()
+    assert 'PARAMETER stop "</s>"' in Path(result.extra["modelfile"]).read_text()
 
 
 # ----------------------------------------------------------------------------- sftlib.export: every format
@@ -395,8 +395,8 @@ def test_llama3_template_every_format_through_sftlib_export(tmp_path):
     """Llama-3-style byte-level BPE with the llama-3 template: lora, merged 16/4-bit and GGUF files, each
     checked, every one stopping at <|eot_id|> where the model in memory does."""
     from sftlib.config import RunConfig
-    from sftlib.exporter import export
-    from sftlib.model import prepare_tokenizer
+    from sftlib.exports.api import export
+    from sftlib.training.tokenizer import prepare_tokenizer
 
     corpus = [f"{q} {a}" for q, a in QA] * 30 + ["Tabs\tand\nnewlines, quotes, émojis 🙂, I've 1234567"] * 10
     tokenizer = _bpe_tokenizer(corpus)
@@ -431,8 +431,8 @@ def test_sentencepiece_every_format_through_sftlib_export(spm_dir, tmp_path):
     differently from both sentencepiece and transformers (id 325 where they give 340 for "▁grass"),
     and the token-id check rightly fails the file on CHECKS[1]."""
     from sftlib.config import RunConfig
-    from sftlib.exporter import export
-    from sftlib.gguf_verify import DEFAULT_CONVERSATIONS
+    from sftlib.exports.api import export
+    from sftlib.exports.reference import DEFAULT_CONVERSATIONS
 
     peft_model, tokenizer = _with_adapters(spm_dir)
     cfg = RunConfig().with_overrides({"model.name": str(spm_dir), "model.chat_template": "mistral"})
@@ -455,7 +455,7 @@ def test_cli_export_merges_adapters_and_writes_verified_gguf(chatml_dir, tmp_pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftlib.save import save_adapters
+    from sftlib.exports.merged import save_adapters
 
     base = AutoModelForCausalLM.from_pretrained(chatml_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(chatml_dir)
@@ -483,7 +483,7 @@ def test_cli_export_merges_adapters_and_writes_verified_gguf(chatml_dir, tmp_pat
     # only what was asked for stays: the merged model the GGUF came from was a step, not an output
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["export_report.json", "gguf"]
     report = json.loads((gguf_dir / "gguf_report.json").read_text())
-    (q8,) = report["files"]
+    (q8,) = report["items"]
     assert q8["ok"] and Path(q8["path"]).name == "merged_16bit-sft.Q8_0.gguf" and Path(q8["path"]).is_file()
     assert q8["check"]["stopped"] == q8["check"]["stop_expected"] == 3  # prompts taken from the run's data
     assert (gguf_dir / "Modelfile").read_text().startswith("FROM ./merged_16bit-sft.Q8_0.gguf")
@@ -560,7 +560,7 @@ def test_real_stories260k_gguf_tells_the_story_of_its_model_card(tmp_path):
     # hidden size 64: f16 only (K-quants would fall back to q5_0); no chat template was trained, so no checks
     result = export_gguf(hf_dir, tmp_path / "gguf", ["f16"], template="alpaca", model_name="stories260K",
                          add_bos=True, verify=False, modelfile=False, log=lambda s: None)
-    llm = llama_cpp.Llama(model_path=result.files[0].path, n_ctx=128, n_threads=1, n_threads_batch=1, logits_all=True,
+    llm = llama_cpp.Llama(model_path=result.items[0].path, n_ctx=128, n_threads=1, n_threads_batch=1, logits_all=True,
                           verbose=False)
     try:
         ids = [llm.token_bos()]

@@ -13,8 +13,8 @@ import tarfile
 
 import pytest
 
-from sftlib import gguf_setup
-from sftlib.gguf_setup import GGUFToolchainError, ensure_toolchain, find_toolchain
+from sftlib.exports.gguf import setup as gguf_setup
+from sftlib.exports.gguf.setup import GGUFToolchainError, ensure_toolchain, find_toolchain
 
 
 def _fake_sdist(path, version):
@@ -61,7 +61,7 @@ def test_missing_toolchain_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("SFTLIB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SFTLIB_LLAMA_CPP_DIR", raising=False)
-    with pytest.raises(GGUFToolchainError, match=r"python -m sftlib\.gguf_setup"):
+    with pytest.raises(GGUFToolchainError, match=r"python -m sftlib gguf-setup"):
         find_toolchain(version="9.9.9")
     assert gguf_setup.main(["--check"]) == 1
 

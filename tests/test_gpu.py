@@ -54,13 +54,13 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
     import io
     import time
 
-    from sftlib.backend import choose_backend  # first: imports Unsloth before transformers
+    from sftlib.training.backend import choose_backend  # first: imports Unsloth before transformers
 
     backend = choose_backend(backend_name)
     import torch
 
     from sftlib.config import RunConfig
-    from sftlib.pipeline import run
+    from sftlib.steps import run
 
     out = Path(out_dir)
     cfg = RunConfig.from_dict({
@@ -109,7 +109,7 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
     # the adapters and the merged 16-bit model load back in plain transformers / PEFT
     from transformers import AutoModelForCausalLM
 
-    from sftlib.save import load_adapters
+    from sftlib.exports.merged import load_adapters
 
     lora, merged16 = Path(report["outputs"]["lora"]), Path(report["outputs"]["merged_16bit"])
     peft_model, _ = load_adapters(model_dir, lora, dtype="bfloat16", device="cuda")
@@ -198,7 +198,7 @@ def test_packed_attention_matches_per_document_sdpa():
 
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         pytest.skip("this torch build has no flash-attention kernel")
-    from sftlib.packed_attention import _check, _function
+    from sftlib.training.packed_attention import _check, _function
 
     assert _check(_function()) is None
 

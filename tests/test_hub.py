@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from sftlib import hub
+from sftlib import tokens as hub
 from sftlib.config import ConfigError, RunConfig
-from sftlib.hub import HubError, PlannedFile, UploadPlan, push_folder, push_plan, upload_plan
+from sftlib.exports.hub import PlannedFile, UploadPlan, push_folder, push_plan, upload_plan
+from sftlib.tokens import HubError
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY = "hf_" + "Hq4dummyTokenForSftlibHubTests987654321"  # shaped like a real token, valid nowhere

@@ -16,8 +16,8 @@ import re
 
 import pytest
 
-from sftlib.modelfile import ModelfileError, modelfile_text, ollama_template, write_modelfile
-from sftlib.templates import TEMPLATES, get_template
+from sftlib.exports.modelfile import ModelfileError, modelfile_text, ollama_template, write_modelfile
+from sftlib.data.templates import TEMPLATES, get_template
 
 # ----------------------------------------------------------------------------- a Go text/template subset
 

@@ -16,11 +16,11 @@ import pytest
 from datasets import Dataset
 
 from sftlib.config import RunConfig
-from sftlib.encode import IGNORE, encode_conversation, encode_dataset
-from sftlib.memory import LLAMA_3_1_8B, ModelShape, estimate_memory
-from sftlib.model import prepare_tokenizer
-from sftlib.preflight import FATAL, WARNING, PreflightError, preflight
-from sftlib.templates import LLAMA_3_1, get_template
+from sftlib.data import IGNORE, encode_conversation, encode_dataset
+from sftlib.training.memory import LLAMA_3_1_8B, ModelShape, estimate_memory
+from sftlib.training.tokenizer import prepare_tokenizer
+from sftlib.checks.preflight import FATAL, WARNING, PreflightError, preflight
+from sftlib.data.templates import LLAMA_3_1, get_template
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERSATIONS = [
@@ -119,7 +119,7 @@ def test_double_bos_is_fatal(tiny, tiny_model_dir):
     assert rows[0]["input_ids"][:2] == [tokenizer.bos_token_id] * 2
     report = preflight(cfg, tokenizer, template, rows)
     assert "double_bos" in _codes(report, FATAL), report.to_text()
-    # 2. A template that writes BOS but claims it does not: sftlib.encode then adds one more.
+    # 2. A template that writes BOS but claims it does not: sftlib.data.encode then adds one more.
     wrong = dataclasses.replace(LLAMA_3_1, uses_bos=False)
     rows = [encode_conversation(tokenizer, wrong, m) for m in CONVERSATIONS]
     assert "double_bos" in _codes(preflight(cfg, tokenizer, wrong, rows), FATAL)
@@ -283,7 +283,7 @@ def test_llama_8b_numbers():
     plain = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100")
     assert head.parts["trained LM head"] * 2 == pytest.approx(both.parts["trained embeddings and LM head"])
     assert plain.peak_gib < head.peak_gib < both.peak_gib
-    from sftlib.memory import embeddings_trained_by
+    from sftlib.training.memory import embeddings_trained_by
 
     auto = RunConfig()
     assert [embeddings_trained_by(auto, True, b) for b in ("unsloth", "hf", "cpu", None)] == [True, "head", "head", True]
@@ -315,16 +315,17 @@ def status(key):
             return int(line.split()[1]) * 1024
 import datasets, peft, torch, transformers, trl  # noqa: F401 - imported before the baseline is taken
 from transformers import TrainerCallback
-from sftlib.backend import choose_backend
+from sftlib.training.backend import choose_backend
 from sftlib.config import RunConfig
-from sftlib.model import add_lora, load_model
-from sftlib.train import train
+from sftlib.training.lora import add_lora
+from sftlib.training.model import load_model
+from sftlib.training.trainer import train
 torch.set_num_threads(2)
 cfg = RunConfig.from_json(sys.argv[1])
 backend = choose_backend("cpu")
 base = status("VmRSS")
 model, tokenizer = load_model(cfg, backend)
-model = add_lora(model, cfg, backend, train_embeddings=cfg.lora.train_embeddings == "always")
+model = add_lora(model, cfg, backend)  # no tokens added: embeddings train only under `always`
 n = cfg.train.batch_size * (cfg.train.max_steps + 1)
 ids = torch.randint(5, model.config.vocab_size, (n, cfg.model.max_seq_length),
                     generator=torch.Generator().manual_seed(0)).tolist()
@@ -339,7 +340,7 @@ def mid_model(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftlib.tiny import build_tokenizer
+    from sftlib.demo.tiny import build_tokenizer
 
     folder = tmp_path_factory.mktemp("mid")
     tokenizer = build_tokenizer(["Memory is measured, not guessed.", "Tokens, rows and steps."] * 50, 400)
@@ -394,7 +395,7 @@ def _write_data(path: Path) -> Path:
 
 
 def test_pipeline_stops_before_training_on_a_fatal_finding(tiny_model_dir, tmp_path):
-    from sftlib.pipeline import run
+    from sftlib.steps import run
 
     data = _write_data(tmp_path / "chat.jsonl")
     cfg = _cfg(tiny_model_dir, **{"data.source": str(data), "data.eval_size": 0, "model.max_seq_length": 12,

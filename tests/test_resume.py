@@ -27,8 +27,9 @@ import yaml
 from safetensors.torch import load_file
 
 from sftlib.config import RunConfig
-from sftlib.save import DiskSpaceError, atomic_dir, check_free_space, save_adapters, save_merged
-from sftlib.train import MARKER, CheckpointError, checkpoint_problem, latest_checkpoint, resolve_resume
+from sftlib.exports.merged import save_adapters, save_merged
+from sftlib.files import DiskSpaceError, atomic_dir, check_free_space
+from sftlib.training.checkpoints import CheckpointError, MARKER, checkpoint_problem, latest_checkpoint, resolve_resume
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 20, 4
@@ -42,7 +43,7 @@ import torch
 torch.set_num_threads(1)
 from transformers import TrainerCallback
 from sftlib.config import RunConfig
-from sftlib.pipeline import run
+from sftlib.steps import run
 
 class Throttle(TrainerCallback):
     """Slow each step down (without changing any number) so the kill lands between checkpoints."""
@@ -149,7 +150,7 @@ def _fake_checkpoint(folder: Path, step: int, settings: dict | None = None, comp
 
 
 def test_latest_checkpoint_skips_half_written_and_damaged_ones(tmp_path):
-    from sftlib.train import run_settings
+    from sftlib.training.checkpoints import run_settings
 
     cfg = RunConfig.from_dict({"train.output_dir": str(tmp_path)})
     settings = run_settings(cfg)
@@ -186,7 +187,7 @@ def test_latest_checkpoint_skips_half_written_and_damaged_ones(tmp_path):
 CRASHING_SAVE = '''
 import os, sys, time
 from pathlib import Path
-from sftlib.save import atomic_dir
+from sftlib.files import atomic_dir
 with atomic_dir(sys.argv[1]) as tmp:
     (tmp / "adapter_model.safetensors").write_bytes(b"partial")
     Path(sys.argv[2]).write_text("writing")
@@ -239,7 +240,7 @@ def test_a_full_disk_fails_before_writing_with_the_sizes(tiny_model_dir, tiny, t
         return real(path)._replace(free=10_000_000)
 
     monkeypatch.setattr(shutil, "disk_usage", nearly_full)
-    with pytest.raises(DiskSpaceError, match=r"needs about 6\d\.\d MB, and only 10\.0 MB is free") as err:
+    with pytest.raises(DiskSpaceError, match=r"needs about 6\d\.\d\d MB, and only 10\.00 MB is free") as err:
         save_adapters(model, tokenizer, tmp_path / "lora")
     assert "`export.output_dir`" in str(err.value) and str(tmp_path / "lora") in str(err.value)
     assert list(tmp_path.iterdir()) == []

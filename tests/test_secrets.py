@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftlib import hub
+from sftlib import tokens as hub
 from sftlib.config import ConfigError, RunConfig
-from sftlib.hub import HubError, get_token, push_folder, redact
+from sftlib.exports.hub import push_folder
+from sftlib.tokens import HubError, get_token, redact
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY = "hf_" + "Zq7dummyTokenForSftlibTests0123456789"  # shaped like a real token, valid nowhere
@@ -140,8 +141,8 @@ def _cfg(folder: Path, **extra) -> RunConfig:
 
 
 def test_weights_load_from_safetensors_never_from_pickles(tiny_model_dir, tmp_path):
-    from sftlib.backend import choose_backend
-    from sftlib.model import load_model
+    from sftlib.training.backend import choose_backend
+    from sftlib.training.model import load_model
 
     folder = tmp_path / "both"
     shutil.copytree(tiny_model_dir, folder)
@@ -153,8 +154,8 @@ def test_weights_load_from_safetensors_never_from_pickles(tiny_model_dir, tmp_pa
 
 
 def test_model_code_runs_only_when_the_config_allows_it(tiny_model_dir, tmp_path, monkeypatch):
-    from sftlib.backend import choose_backend
-    from sftlib.model import ModelLoadError, load_model
+    from sftlib.training.backend import choose_backend
+    from sftlib.training.model import ModelLoadError, load_model
 
     folder = tmp_path / "remote_code"
     shutil.copytree(CORPUS / "remote_code", folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from sftlib.templates import (
+from sftlib.data.templates import (
     TEMPLATE_NAMES,
     TEMPLATES,
     ChatTemplate,
@@ -472,5 +472,5 @@ def test_unknown_template_suggests_the_closest_name():
 
 
 def test_import_does_not_load_transformers():
-    code = "import sys, sftlib.templates; assert 'transformers' not in sys.modules, 'transformers imported'"
+    code = "import sys, sftlib.data.templates; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

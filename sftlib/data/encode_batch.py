@@ -1,0 +1,287 @@
+"""A whole dataset of conversations to token ids and loss labels, fast: what `encode_conversation` gives, row for row.
+
+    from sftlib.data import encode_dataset
+    rows = encode_dataset(ds, tokenizer, template, train_on="assistant", max_length=2048)
+    rows["input_ids"], rows["labels"], rows["truncated"]
+
+Same rows and the same errors (naming the row) as sftlib.data.encode.encode_conversation, but on
+batches: in a worker thread the Rust tokenizer takes a thousand texts per call on every core, while
+Python renders the next thousand and turns the last into arrays; masks, BOS and truncation are numpy;
+the columns go to Arrow without per-row lists. With `train_on="all"` and a built-in template it renders
+each conversation once (no prompt renders: their checks cannot fail for these templates, see
+`render_whole`) and asks for no character offsets. On 2 cores the tokenizer itself is then nearly all
+of the time (benchmarks/data_prep_bench.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from sftlib.data.encode import (IGNORE, EncodeError, NoTemplate, adds_bos, bos_prefix, encode_conversation,
+                                mask_labels, render_whole, trained_spans)
+
+BATCH_ROWS = 16384  # rows per `Dataset.map` batch: few batch boundaries, where Python and Rust cannot overlap
+CHUNK_ROWS = 1024  # texts per tokenizer call: Rust tokenizes one chunk while Python renders the next
+
+
+def encode_dataset(dataset, tokenizer, template, *, train_on: str = "assistant", max_length: int | None = None,
+                   num_proc: int | None = None):
+    """Map a `messages` (or `text`) dataset to `input_ids`, `labels`, `truncated` columns.
+
+    Row for row what `encode_conversation` gives, errors included (as `EncodeError("row N: ...")`).
+    One process (the default) is fastest: the Rust tokenizer then uses every core. With `num_proc` > 1
+    each worker tokenizes alone, as TOKENIZERS_PARALLELISM says."""
+    column = "messages" if "messages" in dataset.column_names else "text"
+    adds_bos(tokenizer)  # once, here, rather than in every worker
+    # Batches as Arrow tables: their rows become Python objects chunk by chunk, while Rust tokenizes.
+    arrow = dataset.format["type"] is None  # (a dataset with a format of its own is mapped as it is)
+    features = dataset.features
+
+    def fn(batch, indices):
+        return _encode_batch(batch, indices, tokenizer, template, column, train_on, max_length, features)
+
+    with _rust_threads(num_proc):
+        out = (dataset.with_format("arrow") if arrow else dataset).map(
+            fn, batched=True, batch_size=BATCH_ROWS, with_indices=True, num_proc=num_proc,
+            remove_columns=dataset.column_names, features=_features(), desc="Tokenizing")
+    return out.with_format(None) if arrow else out
+
+
+def _features():
+    """The types `datasets` gave the per-row version's columns (it stores a column named input_ids as int32)."""
+    import datasets
+
+    return datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                              "labels": datasets.List(datasets.Value("int64")), "truncated": datasets.Value("bool")})
+
+
+@contextlib.contextmanager
+def _rust_threads(num_proc: int | None):
+    """TOKENIZERS_PARALLELISM=true for this call, then as it was. Not in `num_proc` workers (they share
+    the cores) and not in a child process: a forked child must not start Rust's thread pool again."""
+    import multiprocessing
+
+    child = multiprocessing.parent_process() is not None
+    with contextlib.suppress(ImportError):
+        import multiprocess  # what `datasets` starts its workers with
+
+        child = child or multiprocess.parent_process() is not None
+    if (num_proc or 1) > 1 or child:
+        yield
+        return
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _rust_tokenizer(tokenizer):
+    """The `tokenizers.Tokenizer` whose `encode_batch` gives exactly the ids and offsets that
+    `tokenizer(text, add_special_tokens=False)` gives, or None where the class or its state could change
+    them (then the tokenizer's own batched call is used)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or hasattr(tokenizer, "_switch_to_input_mode"):
+        return None
+    for name in ("__call__", "_call_one", "encode_plus", "_encode_plus", "batch_encode_plus", "_batch_encode_plus"):
+        if getattr(type(tokenizer), name, None) is not getattr(PreTrainedTokenizerFast, name, None):
+            return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None  # the call would switch these off first
+    if backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return None
+    return backend
+
+
+def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, train_on: str,
+                  max_length: int | None, features):
+    """One `Dataset.map` batch (a pyarrow table, or a dict of Python lists): a pyarrow table of the rows
+    `encode_conversation` would give."""
+    import pyarrow as pa
+    from datasets.formatting import PythonFormatter
+
+    from sftlib.data.templates import TEMPLATES
+
+    def rows(first: int, stop: int) -> list:  # what `Dataset.map` would have handed over, for these rows
+        if isinstance(batch, pa.Table):
+            return PythonFormatter(features=features).format_column(batch.select([column]).slice(first, stop - first))
+        return batch[column][first:stop]
+
+    values = rows(0, len(indices)) if column == "text" else None
+    odd_text = column == "text" and (tokenizer.eos_token_id is None or not all(isinstance(v, str) for v in values))
+    if odd_text or (max_length is not None and type(max_length) is not int):
+        values = rows(0, len(indices)) if values is None else values
+        return _reference_batch(values, indices, tokenizer, template, column, train_on, max_length)
+    masked = column == "messages" and train_on != "all"
+    if column == "text":
+        head, tail, label_head = bos_prefix(tokenizer, NoTemplate), [tokenizer.eos_token_id], None
+    else:
+        head, tail = bos_prefix(tokenizer, template), []
+        label_head = [IGNORE] * len(head) if masked else None  # None: labels are the input ids
+    whole_only = column == "messages" and not masked and template in TEMPLATES.values()
+    special = (tokenizer.bos_token or "", tokenizer.eos_token or "")
+    eot = template.end_of_turn_text(tokenizer.eos_token)
+    backend = _rust_tokenizer(tokenizer)
+    parts = []
+
+    def finish(future, spans, text_lengths):
+        out_ids, out_offsets = _ids_and_offsets(future.result(), masked)
+        n = np.fromiter(map(len, out_ids), np.int64, len(out_ids))
+        body = np.fromiter(itertools.chain.from_iterable(out_ids), np.int64, int(n.sum()))
+        sizes, ids = _frame(body, n, head, tail)
+        labels = None
+        if masked:
+            flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(out_offsets)), np.int64,
+                               2 * len(body))
+            mask = _mask_batch(body, n, flat[0::2], flat[1::2], spans, np.asarray(text_lengths, np.int64))
+            labels = _frame(mask, n, label_head, tail)[1]
+        truncated = sizes > max_length if max_length is not None else np.zeros(len(n), bool)
+        if truncated.any():
+            # what `x[:max_length]` keeps, negative `max_length` included
+            kept = np.maximum(np.minimum(sizes, max_length) if max_length >= 0 else sizes + max_length, 0)
+            keep = np.ones(len(ids), bool)
+            row_starts = _starts(sizes)
+            for r in np.flatnonzero(truncated):
+                keep[row_starts[r] + kept[r]: row_starts[r] + sizes[r]] = False
+            ids, labels, sizes = ids[keep], (labels[keep] if labels is not None else None), kept
+        parts.append((sizes, ids, labels, truncated))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for first in range(0, len(indices), CHUNK_ROWS):
+            texts, spans = [], []
+            chunk = values[first:first + CHUNK_ROWS] if values is not None else rows(first, first + CHUNK_ROWS)
+            for value, index in zip(chunk, indices[first:first + CHUNK_ROWS]):
+                try:
+                    if column == "text":
+                        texts.append(value)
+                    elif whole_only:
+                        texts.append(render_whole(template, value, *special, eot))
+                    else:
+                        text, row_spans = trained_spans(template, tokenizer, value)
+                        texts.append(text)
+                        spans.append(row_spans)
+                except ValueError as exc:  # the template's or ours: say which row, keep the reason
+                    raise EncodeError(f"row {index}: {exc}") from exc
+            submitted = (pool.submit(_tokenize, tokenizer, backend, texts, masked), spans, list(map(len, texts)))
+            if pending is not None:
+                finish(*pending)  # Python turns the last chunk into arrays while Rust tokenizes this one
+            pending = submitted
+        if pending is not None:
+            finish(*pending)
+
+    sizes = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    labels = np.concatenate([p[2] for p in parts]) if masked and parts else ids
+    if len(ids) >= 2**31:  # Arrow's list offsets are int32
+        raise EncodeError(f"rows {indices[0]}-{indices[-1]} hold {len(ids):,} tokens, more than one Arrow batch can; "
+                          "pass `max_length` (the training sequence length)")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
+                     "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+                     "truncated": pa.array(np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, bool))})
+
+
+def _tokenize(tokenizer, backend, texts: list[str], offsets: bool):
+    """What `tokenizer(text, add_special_tokens=False)` gives for each text. Runs in a worker thread:
+    `encode_batch` releases the GIL, so Rust tokenizes while Python renders and builds arrays."""
+    if backend is not None:
+        return backend.encode_batch(texts, add_special_tokens=False) if texts else []
+    return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets) if texts else None
+
+
+def _ids_and_offsets(out, offsets: bool) -> tuple[list, list | None]:
+    """(ids, character offsets or None) per text from `_tokenize`'s result. In the main thread, so that
+    the worker thread is back in Rust at once."""
+    if out is None:  # no texts
+        return [], [] if offsets else None
+    if isinstance(out, list):  # tokenizers' Encoding objects
+        return [e.ids for e in out], ([e.offsets for e in out] if offsets else None)
+    return out["input_ids"], (out["offset_mapping"] if offsets else None)
+
+
+def _starts(sizes: np.ndarray) -> np.ndarray:
+    """Where each row starts in the flat array of all rows."""
+    starts = np.zeros(len(sizes), np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    return starts
+
+
+def _frame(body: np.ndarray, n: np.ndarray, head: list[int], tail: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, flat values) of `head + row + tail` for every row of `body` (rows of lengths `n`)."""
+    if not head and not tail:
+        return n, body
+    sizes = n + len(head) + len(tail)
+    out = np.empty(int(sizes.sum()), np.int64)
+    fixed = np.zeros(len(out), bool)
+    row_starts = _starts(sizes)
+    for where, tokens in ((row_starts, head), (row_starts + len(head) + n, tail)):
+        for j, token in enumerate(tokens):
+            out[where + j] = token
+            fixed[where + j] = True
+    out[~fixed] = body
+    return sizes, out
+
+
+def _mask_batch(ids: np.ndarray, n: np.ndarray, s: np.ndarray, e: np.ndarray, spans: list[list[tuple[int, int]]],
+                text_lengths: np.ndarray) -> np.ndarray:
+    """`mask_labels` for every row at once. `mask_labels`'s pointer into the spans only moves forward, so for token i
+    it points at the first span ending after max(start of tokens 0..i): with spans sorted by end, a
+    searchsorted on the running maximum. Rows are shifted apart along one axis (each by the lengths
+    of the texts before it, plus one) so that one searchsorted serves the batch; a row whose spans are
+    not sorted by end, or a batch with an offset outside its text, goes through `mask_labels` itself."""
+    rows = len(n)
+    row_of = np.repeat(np.arange(rows), n)
+    shift = _starts(text_lengths + 1)
+    counts = np.fromiter(map(len, spans), np.int64, rows)
+    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(spans)), np.int64,
+                       2 * int(counts.sum()))
+    span_row = np.repeat(np.arange(rows), counts)
+    a, b = flat[0::2] + shift[span_row], flat[1::2] + shift[span_row]
+    unsorted = np.zeros(rows, bool)
+    same_row = span_row[1:] == span_row[:-1]
+    unsorted[span_row[1:][same_row & (b[1:] < b[:-1])]] = True
+    in_text = (s <= text_lengths[row_of]).all()
+    labels = np.full(len(ids), IGNORE, np.int64)
+    if in_text:
+        keep = ~unsorted[span_row]
+        a, b, span_row = a[keep], b[keep], span_row[keep]
+        start = s + shift[row_of]
+        k = np.searchsorted(b, np.maximum.accumulate(start), side="right")
+        if len(b):
+            j = np.minimum(k, len(b) - 1)
+            trained = (k < len(b)) & (span_row[j] == row_of) & (e + shift[row_of] > a[j]) & (start < b[j])
+            labels[trained] = ids[trained]
+    row_starts = _starts(n)
+    for r in (np.flatnonzero(unsorted) if in_text else range(rows)):
+        lo, hi = row_starts[r], row_starts[r] + n[r]
+        labels[lo:hi] = mask_labels(ids[lo:hi].tolist(), list(zip(s[lo:hi].tolist(), e[lo:hi].tolist())), spans[r])
+    return labels
+
+
+def _reference_batch(values, indices, tokenizer, template, column, train_on, max_length) -> dict[str, list]:
+    """The per-row definition, for inputs the batch path leaves to it (text that is not a string, no EOS id,
+    a `max_length` that is not an int): whatever it gives or raises is the answer."""
+    out = {"input_ids": [], "labels": [], "truncated": []}
+    for value, index in zip(values, indices):
+        try:
+            if column == "messages":
+                row = encode_conversation(tokenizer, template, value, train_on=train_on, max_length=max_length)
+            else:
+                row = encode_conversation(tokenizer, template, text=value, max_length=max_length)
+        except ValueError as exc:
+            raise EncodeError(f"row {index}: {exc}") from exc
+        for key in out:
+            out[key].append(row[key])
+    return out

@@ -1,0 +1,60 @@
+"""A model to export from a folder: saved adapters (on the base they name) or a merged model.
+
+    from sftlib.exports.load import load_for_export
+    model, tokenizer, cfg = load_for_export("outputs/model/lora")      # base and template from the folder
+    model, tokenizer, cfg = load_for_export("outputs/model/lora", cfg) # or from a run config
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sftlib.exports.report import ExportError
+
+def template_of(tokenizer):
+    """The sftlib template whose text the tokenizer carries (training sets it), or None."""
+    from sftlib.data.templates import TEMPLATES
+
+    text = getattr(tokenizer, "chat_template", None)
+    return next((t for t in TEMPLATES.values() if text and t.jinja == text), None)
+
+
+def load_for_export(folder: str | Path, cfg=None, *, device: str | None = None):
+    """(model, tokenizer, cfg) from a folder of saved adapters (`adapter_config.json`; the base is
+    `cfg.model.name` when a config is given, else the one the adapters name) or of a merged model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlib.config import RunConfig
+    from sftlib.exports.merged import load_adapters
+
+    folder = Path(folder)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if (folder / "adapter_config.json").is_file():
+        base = cfg.model.name if cfg is not None else \
+            json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        from sftlib.demo import model_folder
+
+        if base and Path(base).resolve() == model_folder().resolve():
+            base = "demo"  # the embedded demo model: a name that finds it again on any machine
+        if not base:
+            raise ExportError(f"`{folder}/adapter_config.json` names no base model; pass --config with `model.name`")
+        model, tokenizer = load_adapters(base, folder, dtype=dtype, device=device)
+    elif (folder / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map={"": device},
+                                                     use_safetensors=True)
+        base = str(folder)
+    else:
+        raise ExportError(f"`{folder}` holds neither LoRA adapters (adapter_config.json) nor a model (config.json); "
+                          "point --model at the `lora` or `merged_16bit` folder a run wrote")
+    if cfg is None:
+        template = template_of(tokenizer)
+        if template is None:
+            raise ExportError(f"the tokenizer in `{folder}` carries no chat template sftlib knows; pass --template "
+                              "(the one used in training) or --config")
+        cfg = RunConfig().with_overrides({"model.name": base, "model.chat_template": template.name})
+    model.eval()
+    return model, tokenizer, cfg

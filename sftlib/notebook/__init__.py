@@ -1,0 +1,20 @@
+"""What notebooks use and the training path never does: the settings form and a few helpers.
+
+    from sftlib import notebook as nb
+    from sftlib.notebook import ConfigForm       # needs ipywidgets; imported on first use
+    form = ConfigForm(PRESET, {"lora.r": LORA_R})
+    plot = nb.live_loss_plot()
+    nb.save_results(RESULTS_PATH, {...})
+"""
+
+from sftlib.notebook.helpers import adapters_folder, live_loss_plot, raw_rows, save_results
+
+__all__ = ["ConfigForm", "adapters_folder", "live_loss_plot", "raw_rows", "save_results"]
+
+
+def __getattr__(name: str):
+    if name == "ConfigForm":  # ipywidgets only when the form is wanted
+        from sftlib.notebook.form import ConfigForm
+
+        return ConfigForm
+    raise AttributeError(f"module 'sftlib.notebook' has no attribute {name!r}")

@@ -1,0 +1,222 @@
+"""Choose gradient checkpointing and the micro-batch from the GPU's free memory, keeping the effective batch.
+
+    from sftlib.training.autotune import plan_for_model
+    plan = plan_for_model(cfg, model, backend)   # after load_model, before add_lora
+    plan.gradient_checkpointing, plan.batch_size, plan.grad_accum, plan.estimated_peak_gib
+    print(plan)                                  # what was chosen and why
+
+`train.gradient_checkpointing: auto` and `train.auto_batch: true` call this from `sftlib.training.lora.add_lora`,
+which writes the plan into `cfg.train` (so TRL gets the chosen micro-batch) and onto the model
+(`model.sftlib_plan`).
+
+Why: the article's settings (batch 8 x 2, Unsloth's offloaded checkpointing) peak near 9 GiB. On a
+40-141 GiB card that leaves most memory idle and pays for recomputing every layer. Measured on an
+H200 with Llama-3.1-8B in 4-bit and packed 2048-token rows (benchmarks/results/), turning
+checkpointing off is the largest single gain (12,370 against 9,115 tokens/s; under a 40 GiB cap,
+micro-batch 2 without checkpointing still beat the article's settings: 10,585), and micro-batches beyond
+about 16k tokens are slower, not faster (see MAX_TOKENS_PER_MICRO_BATCH). So the rule is:
+
+1. Candidates are (checkpointing, micro-batch) pairs whose micro-batch divides the effective batch
+   `batch_size x grad_accum` (with `auto_batch`; otherwise only the configured batch_size).
+2. Micro-batches above `MAX_TOKENS_PER_MICRO_BATCH` tokens are dropped unless nothing else is left.
+3. The first candidate that fits wins, in this order: no checkpointing with the largest micro-batch,
+   then checkpointing (Unsloth's offloaded kind on the unsloth backend) with the largest micro-batch.
+
+"Fits" uses a memory model: the bytes already allocated (the loaded model, measured), plus the LoRA
+weights, gradients and optimizer states, plus activation bytes per token x tokens per micro-batch,
+must stay under the budget minus a safety margin. The per-token activation bytes were measured on the
+GPU for each checkpointing mode (`MEASURED`) and are scaled to other models by their layer count and
+widths. The budget is the device memory this process can use: free plus what it already holds,
+capped by `torch.cuda.set_per_process_memory_fraction` and by the `SFTLIB_GPU_MEMORY_GIB` variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+GiB = 1024 ** 3
+# Measured earlier on the H200 (Llama-3.1-8B config, 4-bit, packed 2048-token rows): 16 x 2048 tokens per
+# micro-batch ran 10,009 tokens/s against 12,412 for 8 x 2048 without checkpointing, and 8,010 against about
+# 9,400 with Unsloth's: beyond this many tokens, larger micro-batches only spend memory.
+MAX_TOKENS_PER_MICRO_BATCH = 16384
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Activation bytes per token = coefficient x the model's size measure for that mode.
+
+    `no_checkpointing` scales with layers x (hidden + intermediate) x 2 bytes: every layer keeps its
+    activations. `offloaded` (Unsloth) scales with (hidden + intermediate) x 2: layer inputs live in CPU
+    memory and one layer is recomputed at a time. `checkpointing` (transformers) is the offloaded
+    figure plus one bf16 hidden state per layer and token, kept on the GPU. Where the backend is not
+    Unsloth, `logits_bytes` per token and vocabulary entry is added and the no-checkpointing figure is
+    multiplied by `hf_factor`.
+    """
+
+    no_checkpointing: float
+    offloaded: float
+    logits_bytes: float = 4.8    # measured: hf + TRL 1.15 (its chunked loss), with checkpointing
+    hf_factor: float = 1.5       # NOT measured: transformers keeps more per layer than Unsloth's kernels
+    overhead_gib: float = 1.1    # measured: peak at zero tokens (line through two batch sizes) minus memory held
+    margin: float = 0.08         # of the budget, for allocator fragmentation and estimate error
+    reserve_gib: float = 1.0     # kept free besides: workspaces of kernels not seen in the measurement
+    source: str = ""
+
+
+# Measured on an H200 with the Llama-3.1-8B config in 4-bit, packed 2048-token rows, Unsloth 2026.10.9,
+# torch 2.11 (benchmarks/results/gpu_bench.md): peaks of 66.36 GiB (no checkpointing, 8 x 2048 tokens),
+# 21.51 GiB (2 x 2048) and 8.96 GiB (offloaded checkpointing, 8 x 2048) over 5.50 GiB held before
+# training -> 3.92 MB per token without checkpointing (3.32 x 32 x 18432 x 2), 157 kB with (4.27 x 18432 x 2).
+MEASURED = MemoryModel(
+    no_checkpointing=3.32, offloaded=4.27,
+    source="H200, Llama-3.1-8B config in 4-bit, Unsloth 2026.10.9, packed 2048-token rows",
+)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> "ModelDims":
+        text = getattr(config, "text_config", None) or config
+        return cls(text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size)
+
+
+@dataclass
+class Plan:
+    gradient_checkpointing: str   # "false" | "unsloth" | "true"
+    batch_size: int
+    grad_accum: int
+    estimated_peak_gib: float
+    budget_gib: float
+    fits: bool
+    reason: str
+    candidates: list = field(default_factory=list)  # (checkpointing, batch, estimated GiB, fits) tried
+
+    def __str__(self) -> str:
+        return (f"memory plan: checkpointing {self.gradient_checkpointing}, batch {self.batch_size} x "
+                f"{self.grad_accum}, about {self.estimated_peak_gib:.1f} of {self.budget_gib:.1f} GiB ({self.reason})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def activation_bytes_per_token(dims: ModelDims, checkpointing: str, *, backend: str = "unsloth",
+                               model: MemoryModel = MEASURED) -> float:
+    """Bytes of activations per trained token for `checkpointing` ("false", "unsloth" or "true")."""
+    layer = (dims.hidden + dims.intermediate) * 2
+    if checkpointing == "false":
+        per_token = model.no_checkpointing * dims.layers * layer
+    else:
+        per_token = model.offloaded * layer
+        if checkpointing != "unsloth":
+            per_token += dims.layers * dims.hidden * 2
+    if backend != "unsloth":
+        if checkpointing == "false":
+            per_token *= model.hf_factor
+        per_token += model.logits_bytes * dims.vocab
+    return per_token
+
+
+def lora_state_bytes(model, r: int, targets) -> float:
+    """LoRA weights in float32 + their gradients + 8-bit Adam states, counted from `model`'s layers."""
+    params = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features"):
+            params += r * (module.in_features + module.out_features)
+    return params * (4 + 4 + 2)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def plan(*, budget_bytes: float, static_bytes: float, dims: ModelDims, seq_len: int, batch_size: int,
+         grad_accum: int, checkpointing: str, auto_batch: bool, backend: str = "unsloth",
+         model: MemoryModel = MEASURED) -> Plan:
+    """The settings to train with. `checkpointing` is the configured value; `auto` lets the plan choose.
+
+    `static_bytes`: memory held before training (weights, LoRA, optimizer states); `budget_bytes`:
+    what the process may use in all.
+    """
+    effective = batch_size * grad_accum
+    usable = budget_bytes * (1 - model.margin) - model.reserve_gib * GiB
+    if checkpointing == "auto":
+        modes = ["false", "unsloth" if backend == "unsloth" else "true"]
+    else:
+        modes = [checkpointing]
+    sizes = divisors(effective) if auto_batch else [batch_size]
+    small = [b for b in sizes if b * seq_len <= MAX_TOKENS_PER_MICRO_BATCH] or sizes[-1:]
+    ordered = small + [b for b in sizes if b not in small]  # too-large micro-batches only as a last resort
+    tried = []
+    for mode in modes:
+        per_token = activation_bytes_per_token(dims, mode, backend=backend, model=model)
+        for b in ordered:
+            peak = static_bytes + model.overhead_gib * GiB + per_token * b * seq_len
+            ok = peak <= usable
+            tried.append((mode, b, round(peak / GiB, 2), ok))
+            if ok:
+                why = "no recomputation" if mode == "false" else \
+                    "checkpointing needed to fit" if checkpointing == "auto" else "checkpointing as configured"
+                if b != batch_size:
+                    why += f"; micro-batch {b} keeps the effective batch of {effective}"
+                return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, True, why, tried)
+    mode, b = modes[-1], sizes[-1]
+    peak = static_bytes + model.overhead_gib * GiB + \
+        activation_bytes_per_token(dims, mode, backend=backend, model=model) * b * seq_len
+    return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, False,
+                "nothing fits the estimate; trying the smallest setting", tried)
+
+
+def gpu_budget_bytes(device: int = 0) -> float:
+    """Memory this process may use on `device`: free + already held, capped by the per-process fraction
+    and by SFTLIB_GPU_MEMORY_GIB."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    budget = free + torch.cuda.memory_reserved(device)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None:
+        budget = min(budget, getter(device) * total)
+    cap = os.environ.get("SFTLIB_GPU_MEMORY_GIB")
+    if cap:
+        budget = min(budget, float(cap) * GiB)
+    return float(budget)
+
+
+def plan_for_model(cfg, model, backend) -> Plan:
+    """The plan for `cfg` on the loaded `model` (before LoRA is added) on `backend`'s GPU."""
+    import torch
+
+    t = cfg.train
+    dims = ModelDims.from_config(model.config)
+    if not backend.cuda:
+        mode = "false" if t.gradient_checkpointing == "auto" else t.gradient_checkpointing
+        return Plan(mode, t.batch_size, t.grad_accum, 0.0, 0.0, True, "no GPU: memory not planned")
+    device = torch.cuda.current_device()
+    static = torch.cuda.memory_allocated(device) + lora_state_bytes(model, cfg.lora.r, cfg.lora.target_modules)
+    return plan(budget_bytes=gpu_budget_bytes(device), static_bytes=static, dims=dims,
+                seq_len=cfg.model.max_seq_length, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                checkpointing=t.gradient_checkpointing, auto_batch=t.auto_batch, backend=backend.name)
+
+
+def apply(cfg, chosen: Plan) -> list[str]:
+    """Write `chosen` into `cfg.train`; returns one note per value that changed."""
+    t, notes = cfg.train, []
+    for key, value in (("gradient_checkpointing", chosen.gradient_checkpointing),
+                       ("batch_size", chosen.batch_size), ("grad_accum", chosen.grad_accum)):
+        if getattr(t, key) != value:
+            notes.append(f"`train.{key}`: {getattr(t, key)} -> {value}")
+            setattr(t, key, value)
+            cfg.sources[f"train.{key}"] = "auto"
+    if not chosen.fits:
+        import warnings
+
+        warnings.warn(f"{chosen}: it may run out of GPU memory; lower `model.max_seq_length` or the batch",
+                      stacklevel=2)
+    return notes
