@@ -110,10 +110,8 @@ def raise_problems(rows: Any, lay: Layout, mapping: dict, source: str | None) ->
     where = source or "the data"
     shown: list[str] = []
     count = 0
-    columns: set[str] = set()
     unknown: set[str] = set()
     for i, row in enumerate(iter_rows(rows)):
-        columns.update(row)
         if all(row.get(key) is None for key in lay.keys):
             # Nothing of this layout here: if the row fits another one, the file mixes layouts.
             others = [f for f in formats_of(row, mapping) if f != lay.format]
@@ -141,11 +139,6 @@ def raise_problems(rows: Any, lay: Layout, mapping: dict, source: str | None) ->
         lines.append(
             f"  unknown role names: {', '.join(repr(n) for n in names)} (known: {known}); give each one a role with "
             f'`data.mapping`, e.g. {{"assistant": "{names[0]}"}} or {{"user": "{names[0]}"}}, or drop such turns'
-        )
-    if {"chosen", "rejected"} <= columns:
-        lines.append(
-            "  note: `chosen`/`rejected` columns look like preference (DPO) data; supervised fine-tuning needs "
-            "whole conversations that end with the assistant's reply"
         )
     raise DataError("\n".join(lines))
 

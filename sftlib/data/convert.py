@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ import datasets
 from sftlib.data.check import raise_problems
 from sftlib.data.detect import FORMATS, DataError, Layout, check_mapping, detect_format, layout_for, pick, role_of
 from sftlib.data.load import load_rows
+from sftlib.data.refuse import refuse_preference, refuse_tool_calls
 
 
 ARROW_BATCH_ROWS = 10_000  # rows per batch that Arrow checks and converts (see `arrow_messages`)
@@ -116,6 +118,19 @@ def arrow_checks_pass(ds: datasets.Dataset, lay: Layout) -> bool:
                for batch in ds.with_format("arrow").iter(batch_size=ARROW_BATCH_ROWS))
 
 
+def warn_dropped(columns: list[str], lay: Layout, source: str | None) -> None:
+    """One warning per conversion naming the columns that conversion leaves out (not the layout's own keys)."""
+    dropped = [c for c in columns if c not in lay.keys]
+    if dropped:
+        names = ", ".join(f"`{c}`" for c in dropped)
+        warnings.warn(
+            f"{source or 'the data'}: the column{'s' if len(dropped) > 1 else ''} {names} "
+            f"{'are' if len(dropped) > 1 else 'is'} not part of the {lay.format} format and "
+            f"{'are' if len(dropped) > 1 else 'is'} not trained on (dropped when converting)",
+            stacklevel=3,
+        )
+
+
 MESSAGES_FEATURES = datasets.Features(
     {"messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})}
 )
@@ -140,14 +155,17 @@ def to_messages(
         ds = load_rows(ds)
     if len(ds) == 0:
         raise DataError(f"{source or 'the data'} has no rows")
+    refuse_preference(ds, m, source)  # before detection: pairs often fit no layout, and the error should say why
     try:
         fmt = detect_format(ds, m) if format == "auto" else format
         lay = layout_for(fmt, m, ds.column_names)
     except DataError as e:
         raise DataError(f"{source}: {e}" if source else str(e)) from None
+    refuse_tool_calls(ds, lay, source)
     arrow = fmt in ("sharegpt", "openai") and ds.format["type"] is None  # a formatted dataset maps as it is
     if not (arrow and arrow_checks_pass(ds, lay)):
         raise_problems(ds, lay, m, source)
+    warn_dropped(ds.column_names, lay, source)
     if arrow:  # converted by Arrow, batch by batch
         return ds.with_format("arrow").map(
             functools.partial(convert_table, lay=lay, features=ds.features),
