@@ -3,7 +3,10 @@
     .venv/bin/python -m pytest tests/test_data.py -q
 
 Every test builds its data in code (tmp_path files); the last few also read the public sample datasets
-in ../shared/fixtures/datasets beside the repository when that folder exists, and skip otherwise.
+in the shared fixtures folder ($SFTLIB_FIXTURES, else ../shared/fixtures beside the repository) when it
+exists, and skip otherwise:
+
+    SFTLIB_FIXTURES=/path/to/shared/fixtures .venv/bin/python -m pytest tests/test_data.py -q
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +33,7 @@ from sftlib.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "datasets"
+FIXTURES = Path(os.environ.get("SFTLIB_FIXTURES") or REPO.parent / "shared" / "fixtures") / "datasets"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -181,13 +185,13 @@ def test_custom_mapping_of_keys_and_role_names():
 
 
 def test_role_mapping_adds_names_and_keeps_the_standard_ones():
-    rows = [sharegpt(("human", "Weather?"), ("function_call", "{}"), ("observation", "sunny"), ("gpt", "Sunny."))]
+    rows = [sharegpt(("human", "Weather?"), ("agent", "Which city?"), ("customer", "Paris"), ("gpt", "Sunny."))]
     with pytest.raises(DataError) as err:
         to_messages(load_rows(rows))
     message = str(err.value)
-    assert "row 0" in message and "'function_call'" in message and "'observation'" in message
+    assert "row 0" in message and "'agent'" in message and "'customer'" in message
     assert "`data.mapping`" in message
-    ds = to_messages(load_rows(rows), mapping={"assistant": "function_call", "user": "observation"})
+    ds = to_messages(load_rows(rows), mapping={"assistant": "agent", "user": "customer"})
     assert [t["role"] for t in ds[0]["messages"]] == ["user", "assistant", "user", "assistant"]
 
 
@@ -506,24 +510,37 @@ def test_load_dataset_errors_name_the_file_and_the_split(tmp_path):
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures/datasets is not here")
 
 
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is not here (set SFTLIB_FIXTURES)")
+
+
+def python_advice(message: str) -> str:
+    """The Python expression an error offers ("e.g. in Python `...`"), to check that following it works."""
+    return message.split("in Python `", 1)[1].split("`", 1)[0]
+
+
 @needs_fixtures
 @pytest.mark.parametrize(
-    "name, fmt, rows",
+    "name, fmt, rows, dropped",
     [
-        ("fastchat_dummy_conversation_sharegpt.json", "sharegpt", 500),
-        ("axolotl_sharegpt_conversation.json", "sharegpt", 1),
-        ("pirate_openai_messages.jsonl", "openai", 10),
-        ("llamafactory_kto_en_demo.json", "openai", 300),
-        ("axolotl_alpaca.json", "alpaca", 2),
-        ("llamafactory_identity.json", "alpaca", 91),
-        ("llamafactory_c4_demo.jsonl", "text", 300),
+        ("fastchat_dummy_conversation_sharegpt.json", "sharegpt", 500, ["id"]),
+        ("axolotl_sharegpt_conversation.json", "sharegpt", 1, []),
+        ("pirate_openai_messages.jsonl", "openai", 10, []),
+        ("axolotl_alpaca.json", "alpaca", 2, []),
+        ("llamafactory_identity.json", "alpaca", 91, []),
+        ("llamafactory_alpaca_en_demo.json", "alpaca", 999, []),
+        ("llamafactory_c4_demo.jsonl", "text", 300, []),
     ],
 )
-def test_public_samples_convert(name, fmt, rows):
+def test_public_samples_convert(name, fmt, rows, dropped):
     raw = load_rows(FIXTURES / name)
     assert detect_format(raw) == fmt
-    ds = to_messages(raw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = to_messages(raw)
     assert len(ds) == rows
+    said = [str(w.message) for w in caught if "not trained on" in str(w.message)]
+    assert len(said) == (1 if dropped else 0)
+    assert all(f"`{column}`" in said[0] for column in dropped)
     if fmt == "text":
         assert ds["text"] == raw["text"]
     else:
@@ -532,17 +549,67 @@ def test_public_samples_convert(name, fmt, rows):
 
 
 @needs_fixtures
-def test_public_tool_call_sample_needs_a_role_mapping():
-    path = FIXTURES / "llamafactory_glaive_toolcall_en_demo.json"
-    with pytest.raises(DataError) as err:
-        to_messages(load_rows(path), source=str(path))
-    message = str(err.value)
-    assert "'function_call', not a known role" in message and "`data.mapping`" in message
-    ds = to_messages(load_rows(path), mapping={"assistant": "function_call", "user": "observation"})
-    assert len(ds) == 300
+def test_every_public_sample_is_covered():
+    """Each dataset in the shared folder has a test here: a new one must be added to the lists above and below."""
+    covered = {"fastchat_dummy_conversation_sharegpt.json", "axolotl_sharegpt_conversation.json",
+               "pirate_openai_messages.jsonl", "axolotl_alpaca.json", "llamafactory_identity.json",
+               "llamafactory_alpaca_en_demo.json", "llamafactory_c4_demo.jsonl", "llamafactory_kto_en_demo.json",
+               "llamafactory_dpo_en_demo.json", "llamafactory_glaive_toolcall_en_demo.json"}
+    assert {p.name for p in FIXTURES.iterdir() if p.is_file()} == covered
 
 
 @needs_fixtures
-def test_public_preference_sample_is_refused_with_a_note():
-    with pytest.raises(DataError, match=r"(?s)300 rows have problems.*preference \(DPO\) data"):
-        to_messages(load_rows(FIXTURES / "llamafactory_dpo_en_demo.json"))
+def test_public_kto_sample_is_refused_and_the_advice_keeps_the_desirable_replies():
+    path = FIXTURES / "llamafactory_kto_en_demo.json"
+    rows = load_rows(path)
+    with pytest.raises(DataError) as err:
+        load_dataset(SimpleNamespace(source=str(path)))
+    message = str(err.value)
+    assert message.startswith(f"`{path}`: these rows are KTO data")
+    assert "marks 150 of 300 replies undesirable" in message and "KTO trainer" in message
+    kept = eval(python_advice(message), {"rows": rows})
+    ds = to_messages(kept)
+    assert len(ds) == 150
+    desirable = [r["messages"] for r in rows if r["label"] is True]
+    assert [[(t["role"], t["content"]) for t in m] for m in ds["messages"]] == \
+        [[(t["role"], t["content"]) for t in m] for m in desirable]
+
+
+@needs_fixtures
+def test_public_preference_sample_is_refused_and_the_advice_trains_on_the_chosen_replies():
+    path = FIXTURES / "llamafactory_dpo_en_demo.json"
+    rows = load_rows(path)
+    with pytest.raises(DataError) as err:
+        to_messages(rows, source=f"`{path.name}`")
+    message = str(err.value)
+    assert message.startswith(f"`{path.name}`: these rows are preference data (`chosen`/`rejected`")
+    assert "does not train on preference pairs" in message and "DPO or ORPO" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped silently or otherwise
+        ds = to_messages(eval(python_advice(message), {"rows": rows}))
+    assert len(ds) == 300
+    assert [m[-1]["content"] for m in ds["messages"]] == [r["chosen"]["value"] for r in rows]
+    assert [m[:-1] for m in ds["messages"]] == \
+        [[{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+          for t in r["conversations"]] for r in rows]
+
+
+@needs_fixtures
+def test_public_tool_call_sample_is_refused_even_with_its_roles_mapped():
+    path = FIXTURES / "llamafactory_glaive_toolcall_en_demo.json"
+    rows = load_rows(path)
+    with pytest.raises(DataError) as err:
+        to_messages(rows, source=f"`{path.name}`")
+    message = str(err.value)
+    assert "tool-calling data: 153 of 300 rows have tool turns ('function_call', 'observation')" in message
+    assert "191 rows define functions in the `tools` column" in message
+    assert "does not train tool calling yet" in message
+    # Mapping the tool roles onto ours would train the calls without the `tools` definitions: still refused.
+    with pytest.raises(DataError, match="does not train tool calling yet"):
+        to_messages(rows, mapping={"assistant": "function_call", "user": "observation"})
+    # The advice keeps the 109 rows that have neither tool turns nor function definitions, and loses nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = to_messages(eval(python_advice(message), {"rows": rows}))
+    assert len(ds) == 109
+    assert {t["role"] for m in ds["messages"] for t in m} <= {"system", "user", "assistant"}

@@ -75,9 +75,10 @@ def chosen_advice(ds: datasets.Dataset, mapping: dict) -> str:
                 f'"output": "chosen"}} (the `rejected` column is then dropped){tail}')
     if prompt is not None and (isinstance(chosen, dict) or is_turn_list(chosen)) and is_turn_list(ds.features[prompt]):
         reply = '[r["chosen"]]' if isinstance(chosen, dict) else 'r["chosen"]'
-        drop = [c for c in PREFERENCE_COLUMNS if c in ds.column_names]
+        out = "messages" if prompt == "prompt" else prompt  # a column that format detection knows
+        drop = [c for c in (*PREFERENCE_COLUMNS, prompt) if c in ds.column_names and c != out]
         return ("To fine-tune on the chosen replies only, end each conversation with its chosen reply and drop "
-                f'the pair, e.g. in Python `rows.map(lambda r: {{"{prompt}": r["{prompt}"] + {reply}}}, '
+                f'the pair, e.g. in Python `rows.map(lambda r: {{"{out}": r["{prompt}"] + {reply}}}, '
                 f"remove_columns={json.dumps(drop)})`, then save the rows as JSON Lines for `data.source` or pass "
                 f"them to `to_messages`{tail}")
     return ("To fine-tune on the chosen replies only, write rows whose conversation ends with the chosen reply "
@@ -116,7 +117,7 @@ def refuse_tool_calls(ds: datasets.Dataset, lay: Layout, source: str | None = No
         shown = ", ".join(n if n.startswith("`") else repr(n) for n in names)
         what.append(f"{rows} of {len(ds)} rows have tool turns ({shown})")
     if defined:
-        what.append(f"{defined} rows define functions in the `{tools}` column")
+        what.append(f"{defined} row{' defines' if defined == 1 else 's define'} functions in the `{tools}` column")
     keep = "; ".join(what)
     fix = " Use a trainer with tool-calling support"
     if role_key or not names:  # the rows without tools can be told apart by one role key
