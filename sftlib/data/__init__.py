@@ -11,7 +11,8 @@
     train_ds, eval_ds = split_eval(ds, eval_size=0.05, seed=0)
 
 One job a module: load.py (files, folders, the Hub), detect.py (which layout), check.py (every row, with
-its row number), convert.py (to `messages`), split.py (held-out rows), dataset.py (all together);
+its row number), refuse.py (preference, KTO and tool-calling data, which are not SFT data), convert.py (to
+`messages`), split.py (held-out rows), dataset.py (all together);
 templates.py renders conversations and encode.py turns them into token ids and loss labels.
 """
 
