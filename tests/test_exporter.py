@@ -227,10 +227,10 @@ def test_cli_export_from_an_adapter_folder(trained):
 
 def test_a_format_too_big_to_load_back_is_written_and_said_unchecked(trained, monkeypatch):
     """An 8B merged in 16-bit will not load beside the training model on a 15 GB T4: written, not checked, said so."""
-    import sftlib.exports.gguf.verify
+    import sftlib.exports.verify
     from sftlib.exports.api import export
 
-    monkeypatch.setattr(sftlib.exports.gguf.verify, "_available_ram", lambda: 1000)  # bytes free, as on a full machine
+    monkeypatch.setattr(sftlib.exports.verify, "available_ram", lambda: 1000)  # bytes free, as on a full machine
     out = trained["tmp"] / "tight"
     with pytest.warns(UserWarning, match="written but not checked"):
         report = export(trained["model"], trained["tokenizer"], trained["cfg"], ["lora", "merged_16bit"], out=out,

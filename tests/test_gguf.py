@@ -481,7 +481,7 @@ def test_cli_export_merges_adapters_and_writes_verified_gguf(chatml_dir, tmp_pat
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     gguf_dir = tmp_path / "model" / "gguf"
     # only what was asked for stays: the merged model the GGUF came from was a step, not an output
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["export_report.json", "gguf"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["README.md", "export_report.json", "gguf"]
     report = json.loads((gguf_dir / "gguf_report.json").read_text())
     (q8,) = report["items"]
     assert q8["ok"] and Path(q8["path"]).name == "merged_16bit-sft.Q8_0.gguf" and Path(q8["path"]).is_file()

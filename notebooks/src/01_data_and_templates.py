@@ -85,8 +85,9 @@ print("detected format:", detect_format(raw, cfg.data.mapping))
 # ## Convert, check every row, and fit the tokenizer to the chat template
 #
 # The first step of training, without the weights: the rows become one `messages` form (a bad row is
-# reported with its number), and the template's tokens missing from the tokenizer are added as
-# single tokens, as training will add them. The template decides every character the model is
+# reported with its number), the held-out rows (`data.eval_size`) are set aside, and the template's
+# tokens missing from the tokenizer are added as single tokens, as training will add them. What
+# follows is about the rows training will see. The template decides every character the model is
 # trained on and prompted with: read a few rendered conversations.
 
 # %%
@@ -126,6 +127,7 @@ report
 # %%
 results = nb.save_results(RESULTS_PATH, {
     "rows": len(raw),
+    "train_rows": len(ds),
     "format": detect_format(raw, cfg.data.mapping),
     "template": template.name,
     "added_tokens": info.added_tokens,
