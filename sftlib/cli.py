@@ -30,6 +30,7 @@ def _config(args):
     import yaml
 
     from sftlib.config import ConfigError, Problem, RunConfig
+    from sftlib.config.safe_load import ParseError, load_yaml
 
     if args.config:
         load = RunConfig.from_json if args.config.lower().endswith(".json") else RunConfig.from_yaml
@@ -43,9 +44,11 @@ def _config(args):
             problems.append(Problem(key.strip(), f"--set expects KEY=VALUE, got {item!r}"))
             continue
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            overrides[key.strip()] = load_yaml(value)
         except yaml.YAMLError:
             overrides[key.strip()] = value  # the field's own check says what it takes
+        except ParseError as e:
+            problems.append(Problem(key.strip(), f"--set {key.strip()}: {e}"))
     if problems:
         raise ConfigError(problems)
     return cfg.with_overrides(overrides) if overrides else cfg.validate()

@@ -80,6 +80,7 @@ DATA_CASES = {
     "system_not_first.jsonl": ["row 0: `messages[1]` is a system turn after the first turn"],
     "null_row.jsonl": ["row 1: `conversations` is missing"],
     "text_empty.jsonl": ["row 1: `text` is empty"],
+    "deep_nesting.jsonl": ["line 2 nests values more than 64 levels deep"],
 }
 CONFIG_CASES = {
     "wrong_type_rank.yaml": ["`lora.r` must be an integer, got 'sixteen'"],
@@ -89,7 +90,7 @@ CONFIG_CASES = {
     "max_length_0.yaml": ["`model.max_seq_length` must be a positive integer, got 0"],
     "bad_indent.yaml": ["the YAML does not parse: line 3, column 9"],
     "tab_indent.yaml": ["line 2, column 1", "never tabs"],
-    "trailing_comma.json": ["the JSON does not parse", "line 1 column 19"],
+    "trailing_comma.json": ["the JSON does not parse", "line 1, column 19"],
     "section_not_mapping.yaml": ["`lora` must be a mapping of its fields"],
     "top_level_list.yaml": ["a config must be a mapping"],
     "batch_size_bool.yaml": ["`train.batch_size` must be an integer, got True"],
@@ -98,7 +99,17 @@ CONFIG_CASES = {
     "empty_source.yaml": ["`data.source` is empty"],
     "eval_size_exceeds_rows.yaml": ["`data.eval_size` (20) holds out every one of `data.max_rows` (10)"],
     "token_in_config.yaml": ["`export.hub_token` holds what looks like a Hugging Face token", "HF_TOKEN"],
+    "duplicate_key.yaml": ["line 4: the key `r` appears twice (first on line 2)"],
+    "duplicate_key.json": ["the key `lora` twice in one object"],
+    "alias_bomb.yaml": ["line 5: more than 32 aliases"],
+    "deep_nesting.yaml": ["line 2: values nest more than 32 levels deep"],
+    "deep_nesting.json": ["nests values more than 32 levels deep"],
+    "rank_huge.yaml": ["`lora.r` is 10000000000000000198...: at most 4096"],
+    "epochs_inf.yaml": ["`train.epochs` must be a finite number, got inf"],
+    "learning_rate_nan.yaml": ["`train.learning_rate` must be a finite number, got nan"],
 }
+PARSE_REFUSED = {"bad_indent.yaml", "tab_indent.yaml", "trailing_comma.json", "top_level_list.yaml", "duplicate_key.yaml",
+                 "duplicate_key.json", "alias_bomb.yaml", "deep_nesting.yaml", "deep_nesting.json"}
 MODEL_CASES = {
     "no_weights": ["has no weight files"],
     "no_config": ["has no config.json"],
@@ -187,8 +198,8 @@ def _run_config(kind: str, name: str, model_cases: Path, tiny_model_dir: Path, o
     """The config `python -m sftlib train --config` gets for one case; outputs go under `out`."""
     if kind == "config":
         source = CORPUS / "config" / name
-        if name in ("bad_indent.yaml", "tab_indent.yaml", "trailing_comma.json", "top_level_list.yaml"):
-            return source  # the file itself does not parse into a mapping: run it as it is
+        if name in PARSE_REFUSED:
+            return source  # the file itself is refused before it becomes a mapping: run it as it is
         d = yaml.safe_load(source.read_text())
     else:
         d = {}
@@ -254,6 +265,25 @@ def test_cli_in_a_subprocess(kind, name, model_cases, tiny_model_dir, tmp_path):
     _assert_one_paragraph(error)
     assert {**DATA_CASES, **CONFIG_CASES, **MODEL_CASES}[name][0] in error
     assert not out.exists()
+
+
+def test_a_rank_above_the_models_layer_width_stops_before_training(tiny_model_dir, tmp_path, capsys):
+    """`lora.r` passes the config's own bound but not the model's: said once the model is known, nothing trained."""
+    import torch
+
+    from transformers import AutoConfig
+
+    width = min(AutoConfig.from_pretrained(tiny_model_dir).hidden_size, 4096)
+    out = tmp_path / "out"
+    code = cli.main(["train", "--preset", "cpu-demo", "--set", f"model.name={tiny_model_dir}",
+                     "--set", f"lora.r={width + 1}", "--set", f"train.output_dir={out / 'train'}",
+                     "--set", f"export.output_dir={out / 'model'}", "--set", "train.max_steps=1"])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    _assert_one_paragraph(stderr)
+    assert f"`lora.r` is {width + 1}, above the width of the narrowest adapted layer" in stderr
+    assert not (out / "model").exists() and not list((out / "train").glob("checkpoint-*"))
+    del torch
 
 
 def test_a_valueerror_from_a_dependency_still_shows_its_traceback(tmp_path, capsys, monkeypatch):

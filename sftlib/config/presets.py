@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from sftlib.config.safe_load import load_yaml
 
 FOLDER = Path(__file__).with_name("presets")
 
@@ -44,7 +44,7 @@ def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
 def _load() -> dict[str, Preset]:
     found = []
     for path in FOLDER.glob("*.yaml"):
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = load_yaml(path.read_text(encoding="utf-8"))  # a key twice in a preset is an error, as in a config
         preset = Preset(name=path.stem, label=spec.get("label", path.stem), about=spec.get("about", ""),
                         values=_flat(spec.get("values") or {}), gpu=spec.get("gpu"), path=str(path))
         found.append((spec.get("order", 99), path.stem, preset))

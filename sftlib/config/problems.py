@@ -64,6 +64,12 @@ class ConfigError(SftlibError):
         super().__init__(f"{count} in the run config:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+# Upper bounds far above any real run, so that a typo (1e30, an extra zero run) is an error, not an
+# overflow or an allocation that takes the machine down.
+MAX = {"lora.r": 4096, "lora.alpha": 1 << 20, "model.max_seq_length": 1 << 20, "train.batch_size": 1 << 16,
+       "train.grad_accum": 1 << 16, "train.epochs": 10_000, "train.max_steps": 100_000_000}
+
+
 def show(value: Any, limit: int = 60) -> str:
     """A bounded excerpt of a value and its type, for messages: never the whole of a huge value."""
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -189,7 +195,13 @@ def check(cfg) -> list[Problem]:
          f"`model.max_seq_length` must be a positive integer, got {m.max_seq_length}")
 
     need("lora.r", lo.r > 0, f"`lora.r` must be a positive integer, got {show(lo.r).rsplit(' (', 1)[0]}")
+    need("lora.r", lo.r <= MAX["lora.r"], f"`lora.r` is {show(lo.r).rsplit(' (', 1)[0]}: at most {MAX['lora.r']} "
+         "(and at most the width of the smallest adapted layer); LoRA uses 8-128")
     need("lora.alpha", lo.alpha > 0, f"`lora.alpha` must be a positive integer, got {show(lo.alpha).rsplit(' (', 1)[0]}")
+    for key, value in (("lora.alpha", lo.alpha), ("model.max_seq_length", m.max_seq_length),
+                       ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                       ("train.epochs", t.epochs), ("train.max_steps", t.max_steps)):
+        need(key, value <= MAX[key], f"`{key}` is {show(value).rsplit(' (', 1)[0]}: at most {MAX[key]:,} is accepted")
     need("lora.dropout", 0 <= lo.dropout < 1, f"`lora.dropout` must be in [0, 1), got {lo.dropout}")
     need("lora.target_modules", len(lo.target_modules) > 0,
          "`lora.target_modules` is empty; list the layers to adapt, e.g. [q_proj, v_proj]")

@@ -29,6 +29,7 @@ from sftlib.config.coerce import COERCERS, WrongType
 from sftlib.config.fields import (FIELDS, SECTION_HELP, SECTIONS, TopLevel, DataConfig, ExportConfig, LoraConfig,
                                   ModelConfig, TrainConfig, get_value, set_value)
 from sftlib.config.presets import PRESETS
+from sftlib.config.safe_load import MAX_BYTES, ParseError, load_json, load_yaml
 from sftlib.config.problems import (TOKEN_ADVICE, ConfigError, Problem, check, did_you_mean, show, unknown_key)
 from sftlib.tokens import TOKEN_PATTERN
 
@@ -108,9 +109,11 @@ class RunConfig:
         """Load a YAML file (a path) or YAML text; missing keys keep their defaults."""
         text, where = _read_path_or_text(path_or_text, (".yaml", ".yml"))
         try:
-            d = yaml.safe_load(text)
+            d = load_yaml(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}the YAML does not parse: {_yaml_problem(e)}") from None
+        except ParseError as e:
+            raise ConfigError(f"{where}{e}") from None
         return cls._from_file(d or {}, where, validate)
 
     @classmethod
@@ -118,9 +121,9 @@ class RunConfig:
         """Load a JSON file (a path) or JSON text; missing keys keep their defaults."""
         text, where = _read_path_or_text(path_or_text, (".json",))
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}the JSON does not parse: {e}") from None
+            d = load_json(text)
+        except ParseError as e:
+            raise ConfigError(f"{where}{e}") from None
         return cls._from_file(d, where, validate)
 
     @classmethod
@@ -213,10 +216,20 @@ def _read_path_or_text(path_or_text: str | os.PathLike, suffixes: tuple[str, ...
         path = Path(path_or_text)
         if path.is_dir():
             raise ConfigError(f"config `{path}` is a folder; give the YAML or JSON file inside it")
+        if path.exists() and not path.is_file():  # a FIFO or a device: reading it could wait forever
+            raise ConfigError(f"config `{path}` is not a regular file (a pipe or a device); give a YAML or JSON file")
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {str(path)!r} does not exist" +
+                              (" (a symbolic link to nothing)" if path.is_symlink() else ""))
+        if path.stat().st_size > MAX_BYTES:
+            raise ConfigError(f"config `{path}` is {path.stat().st_size:,} bytes; a config is a few hundred lines at "
+                              "most: is this the right file?")
         try:
             return path.read_text(encoding="utf-8"), f"`{path}`: "
+        except PermissionError:
+            raise ConfigError(f"config `{path}` cannot be read (permission denied)") from None
+        except OSError as e:  # a symlink loop, an I/O error
+            raise ConfigError(f"config `{path}` cannot be read: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"`{path}` is not UTF-8 text (byte {e.start}); save the config as UTF-8 YAML or JSON") \
                 from None

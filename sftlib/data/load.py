@@ -180,6 +180,7 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
             "or give a folder holding train/test files"
         )
     problem = _utf8_problem(path) if builder in ("json", "csv") else None
+    problem = problem or (_nesting_problem(path) if builder == "json" else None)
     if problem:
         raise DataError(f"`{path}` could not be read as {_FILE_KINDS[builder]}: {problem}")
     kwargs = _csv_kwargs(path) if builder == "csv" else {}
@@ -212,6 +213,39 @@ def _utf8_problem(path: Path) -> str | None:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return f"ends inside a UTF-8 character (line {line}): the file is cut off or not UTF-8"
+    return None
+
+
+MAX_NESTING = 64  # chat rows nest 3-6 deep; Arrow's JSON reader overflows its stack (a segfault) on very deep rows
+_JSON_STRING = re.compile(rb'"(?:[^"\\\n]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _nesting_problem(path: Path) -> str | None:
+    """The first line where [ and { nest deeper than MAX_NESTING, found before any parser sees the file.
+
+    JSON strings never hold a raw newline, so blocks of whole lines can be read one at a time: strings
+    are cut out (a bracket inside one is text), then the depth is a running sum over the brackets left."""
+    import numpy as np
+
+    def levels(text: bytes, start: int):
+        brackets = np.frombuffer(_JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS), np.uint8)
+        return start + np.cumsum(np.where(np.isin(brackets, (ord("["), ord("{"))), 1, -1))
+
+    depth, line = 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            block += f.readline()  # end on a line break
+            running = levels(block, depth)
+            if len(running) and running.max() > MAX_NESTING:
+                for number, text in enumerate(block.split(b"\n"), line):  # which line, for the message
+                    inside = levels(text, depth)
+                    if len(inside) and inside.max() > MAX_NESTING:
+                        return (f"line {number} nests values more than {MAX_NESTING} levels deep; a conversation "
+                                "nests a few levels: is the file damaged or generated wrongly?")
+                    depth = int(inside[-1]) if len(inside) else depth
+            depth = int(running[-1]) if len(running) else depth
+            line += block.count(b"\n")
     return None
 
 

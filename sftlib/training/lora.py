@@ -49,6 +49,11 @@ def add_lora(model, cfg, backend, tokens=None):
     if missing:
         raise ConfigError(Problem("lora.target_modules", f"`lora.target_modules`: {missing} not found in this "
                                   f"model; its linear layers are {linear_module_names(model)}"))
+    narrowest = min((min(m.in_features, m.out_features) for name, m in model.named_modules()
+                     if name.rpartition(".")[2] in lora.target_modules and hasattr(m, "in_features")), default=None)
+    if narrowest is not None and lora.r > narrowest:  # a rank above a layer's width adds nothing and wastes memory
+        raise ConfigError(Problem("lora.r", f"`lora.r` is {lora.r}, above the width of the narrowest adapted layer "
+                                  f"({narrowest}) of this model; use at most {narrowest} (8-128 is usual)"))
     saved = ["embed_tokens", "lm_head"] if train_embeddings else None
     plan = None
     if cfg.train.gradient_checkpointing == "auto" or cfg.train.auto_batch:
