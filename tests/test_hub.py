@@ -107,6 +107,35 @@ def test_the_plan_sends_the_export_and_leaves_out_leftovers(tmp_path, no_token):
     assert "visibility: public" in public.table() and "revision:   exp-1  (a branch" in public.table()
 
 
+def test_links_are_never_followed_out_of_the_folder(tmp_path, no_token):
+    """A link to a private key beside the export, a dangling link, a loop, a link to an outside folder, a pipe:
+    listed as left out with the reason; a link to a file inside the folder is sent like the file."""
+    outside = tmp_path / "home"
+    (outside / ".ssh").mkdir(parents=True)
+    key = outside / ".ssh" / "id_ed25519"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    folder = tmp_path / "model"
+    (folder / "lora").mkdir(parents=True)
+    (folder / "lora" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (folder / "README.md").write_text("card")
+    (folder / "id_ed25519").symlink_to(key)
+    (folder / "ssh").symlink_to(outside / ".ssh")
+    (folder / "gone.bin").symlink_to(tmp_path / "deleted.bin")
+    (folder / "loop").symlink_to(folder / "loop")
+    (folder / "lora" / "card.md").symlink_to(folder / "README.md")
+    os.mkfifo(folder / "pipe")
+    plan = upload_plan(folder, "me/model")
+    assert {f.path_in_repo: f.bytes for f in plan.files} == {"README.md": 4, "lora/adapter_model.safetensors": 100,
+                                                             "lora/card.md": 4}
+    skipped = dict(plan.skipped)
+    assert skipped == {"gone.bin": "a symbolic link to nothing (or to itself)",
+                       "id_ed25519": "a symbolic link to outside the folder: links are never followed out",
+                       "loop": "a symbolic link to nothing (or to itself)",
+                       "pipe": "not a regular file (a pipe, socket or device)",
+                       "ssh": "a symbolic link to outside the folder: links are never followed out"}
+    assert str(key) not in plan.table() and "OPENSSH" not in plan.table()
+
+
 def test_a_folder_with_only_leftovers_has_nothing_to_upload(tmp_path, no_token):
     folder = tmp_path / "gguf"
     folder.mkdir()

@@ -42,6 +42,31 @@ def skip_reason(relative: Path) -> str | None:
     return None
 
 
+def _entries(folder: Path) -> list[Path]:
+    """Every file and link under `folder`, sorted, without following links to folders (no loops, nothing outside)."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        found += [Path(root) / name for name in files]
+        found += [Path(root) / name for name in dirs if (Path(root) / name).is_symlink()]  # listed, never entered
+    return sorted(found)
+
+
+def _link_or_kind_problem(path: Path, folder: Path) -> str | None:
+    """Why a link or a special file stays here: an upload sends only regular files that live in the folder."""
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop
+            return "a symbolic link to nothing (or to itself)"
+        if not target.is_relative_to(folder.resolve()):
+            return "a symbolic link to outside the folder: links are never followed out"
+        if target.is_dir():
+            return "a symbolic link to a folder: upload the folder itself"
+    if not path.is_file():
+        return "not a regular file (a pipe, socket or device)"
+    return None
+
+
 class PlannedFile(NamedTuple):
     path_in_repo: str
     local_path: str
@@ -99,11 +124,9 @@ def upload_plan(folder: str | Path, repo: str, *, revision: str = "main", privat
     if problems:
         raise HubError(redact("; ".join(map(str, problems))))
     plan = UploadPlan(folder=str(folder), repo=repo, revision=revision, private=bool(private))
-    for path in sorted(folder.rglob("*")):
-        if path.is_dir():
-            continue
+    for path in _entries(folder):
         relative = path.relative_to(folder)
-        why = skip_reason(relative)
+        why = skip_reason(relative) or _link_or_kind_problem(path, folder)
         if why:
             plan.skipped.append((relative.as_posix(), why))
         else:
