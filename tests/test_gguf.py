@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - the point is to fail loudly
 
 from sftlib.exports.gguf.convert import (GGUFExportError, GGUFVerifyError, check_types, estimate_bytes, suggest_pre_tokenizer)
 from sftlib.exports.gguf.export import export_gguf
+from sftlib.exports.gguf.verify import describe_mismatch
 from sftlib.exports.gguf.setup import find_toolchain
 from sftlib.data.templates import get_template
 
@@ -282,6 +283,7 @@ def test_killed_export_leaves_only_hidden_temporary_files(chatml_dir, tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         from sftlib.exports.gguf.export import export_gguf
+from sftlib.exports.gguf.verify import describe_mismatch
         export_gguf({str(chatml_dir)!r}, {str(out)!r}, ["f16", "q8_0"], template="chatml",
                     pre_tokenizer="llama-bpe", log=lambda s: print(s, flush=True))
     """)
@@ -371,6 +373,97 @@ def test_sentencepiece_model_with_mistral_template(spm_dir):
     assert meta["tokenizer.ggml.add_space_prefix"] == "false"
     assert meta["tokenizer.chat_template"] == get_template("mistral").jinja  # it writes BOS itself: unchanged
     assert 'PARAMETER stop "</s>"' in Path(result.extra["modelfile"]).read_text()
+
+
+# ----------------------------------------------------------------------------- real SentencePiece tokenizers
+
+# Spaces, digits, accents, CJK, emoji, code, URLs, and words SentencePiece's merge order decides ("Give":
+# G|ive, not Gi|ve). Each follows BOS, as every string the export's own check compares does.
+SPM_STRINGS = [
+    "Give me a hint.", "Hello world", "  two leading spaces", "tabs\tand\nnewlines\n\n", "1234567890 3.14159",
+    "naïve café résumé", "日本語のテキスト", "emoji 🙂👍🏽 here", "def f(x):\n    return x ** 2  # square",
+    "if (a && b) { return -1; }", "I've been there, they're here, we'll see", "UPPER lower MiXeD",
+    "https://example.com/path?q=1&r=2", "   ", "a", "The quick brown fox jumps over the lazy dog.",
+    "Supercalifragilisticexpialidocious", "multiple   spaces   inside", "[INST] hi [/INST]", "x</s>",
+    "Ünïcödé ß ø å — “quotes” ‘single’ …"]
+
+
+def _real_spm_tokenizer(name: str, root: Path):
+    """The HF tokenizer loaded from a real SentencePiece file of the shared fixtures."""
+    from transformers import AutoTokenizer
+
+    tok_dir = root / "tok"
+    tok_dir.mkdir(parents=True)
+    (tok_dir / "tokenizer.model").write_bytes((SHARED_FIXTURES / "tokenizers" / f"{name}_tokenizer.model").read_bytes())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True}))
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _real_spm_dir(name: str, root: Path) -> Path:
+    """A merged-model folder as transformers 5 writes it for a real SentencePiece tokenizer: tokenizer.json
+    only, no tokenizer.model; a 1-layer model of hidden size 16 (the 32k-row embedding is most of it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _real_spm_tokenizer(name, root)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=256))
+    folder = root / "merged_16bit"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert not (folder / "tokenizer.model").exists()  # the case under test: the converter must do without it
+    return folder
+
+
+@pytest.mark.skipif(not (SHARED_FIXTURES / "tokenizers").is_dir(), reason="shared fixtures not present")
+@pytest.mark.parametrize("name", ["llama2", "mistral_v1", "mistral_v3_instruct"])
+def test_real_sentencepiece_tokenizer_without_tokenizer_model_gives_hf_ids(name, tmp_path):
+    """Before piece scores were rebuilt from tokenizer.json's merges: 15, 17 and 17 of these 21 equal."""
+    from transformers import AutoTokenizer
+
+    folder = _real_spm_dir(name, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    result = export_gguf(folder, tmp_path / "gguf", ["f16"], template="mistral", verify=False, modelfile=False,
+                         log=lambda s: None)
+    llm = llama_cpp.Llama(model_path=result.items[0].path, vocab_only=True, verbose=False)
+    try:
+        differ = []
+        for text in ("<s>" + t for t in SPM_STRINGS):
+            hf = tokenizer(text, add_special_tokens=False)["input_ids"]
+            got = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+            if got != hf:
+                differ.append(describe_mismatch(text, hf, got, tokenizer))
+    finally:
+        llm.close()
+    assert differ == [], "\n".join(differ)
+    scores = _metadata_scores(result.items[0].path)
+    give = tokenizer.convert_tokens_to_ids(["ive", "Gi"])
+    assert scores[give[0]] > scores[give[1]]  # SentencePiece's order: G|ive before Gi|ve
+
+
+def _metadata_scores(path) -> list[float]:
+    gguf_py = str(find_toolchain().source_dir / "gguf-py")
+    if gguf_py not in sys.path:
+        sys.path.insert(0, gguf_py)
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields["tokenizer.ggml.scores"]
+    return [float(field.parts[i][0]) for i in field.data]
+
+
+@pytest.mark.skipif(not (SHARED_FIXTURES / "tokenizers").is_dir(), reason="shared fixtures not present")
+def test_token_mismatch_message_shows_where_the_ids_part(tmp_path):
+    tokenizer = _real_spm_tokenizer("llama2", tmp_path)
+    text = "<s>Give me a hint."
+    hf = tokenizer(text, add_special_tokens=False)["input_ids"]
+    gi, ve = tokenizer.convert_tokens_to_ids(["Gi", "ve"])
+    flat_scores = [hf[0], gi, ve] + hf[3:]  # what llama.cpp gave with every piece scored -1000
+    msg = describe_mismatch(text, hf, flat_scores, tokenizer)
+    assert msg.startswith("'<s>Give me a hint.': ids differ from position 1 ")
+    assert f"HF [1 '<s>', {hf[1]} 'G', {hf[2]} 'ive'," in msg and f"llama.cpp [1 '<s>', {gi} 'Gi', {ve} 've'," in msg
 
 
 # ----------------------------------------------------------------------------- sftlib.export: every format

@@ -422,3 +422,24 @@ def test_cli_exit_status(tiny_model_dir, tmp_path, capsys):
     assert main(["preflight", "--config", str(config), "--set", "model.max_seq_length=12"]) == 1
     assert "FATAL   no_trained_tokens" in capsys.readouterr().out
     assert main(["preflight", "--config", str(config), "--set", "train.preflight=sometimes"]) == 2  # config error
+
+
+TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers"
+
+
+@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizers not found at {TOKENIZERS}")
+def test_mistral_v1_template_on_the_real_v3_tokenizer_warns_of_lone_space_pieces(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes((TOKENIZERS / "mistral_v3_instruct_tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    found = {}
+    for name in ("mistral", "mistral-v3"):
+        template = get_template(name)
+        rows = [encode_conversation(tokenizer, template, m) for m in CONVERSATIONS]
+        report = preflight(_cfg(tiny_model_dir), tokenizer, template, rows)
+        found[name] = [f.message for f in report.findings if f.code == "marker_pieces_odd"]
+    assert found["mistral-v3"] == []
+    assert len(found["mistral"]) == 1 and "beside [/INST], [INST] on this tokenizer (4 in" in found["mistral"][0]

@@ -37,6 +37,7 @@ REFERENCE_FILES = {
     "phi-3": "trl_phi3.jinja",
     "alpaca": "axolotl_alpaca.jinja",
     "mistral": "mistral_v1_spm.jinja",
+    "mistral-v3": "mistral_v3_spm.jinja",
 }
 
 # Each family's real bos/eos, so the golden strings read like what the model sees.
@@ -48,6 +49,7 @@ SPECIAL = {
     "phi-3": ("<s>", "<|endoftext|>"),
     "alpaca": ("<s>", "</s>"),
     "mistral": ("<s>", "</s>"),
+    "mistral-v3": ("<s>", "</s>"),
     "gemma": ("<bos>", "<eos>"),
 }
 
@@ -101,6 +103,7 @@ GOLDEN = {
         "### Response:\n4</s>"
     ),
     "mistral": "<s> [INST] You are terse.\n\nHi [/INST] Hello.</s> [INST] 2+2? [/INST] 4</s>",
+    "mistral-v3": "<s>[INST] Hi[/INST] Hello.</s>[INST] You are terse.\n\n2+2?[/INST] 4</s>",  # system: last turn
     "gemma": (
         "<bos><start_of_turn>user\nYou are terse.\n\nHi<end_of_turn>\n"
         "<start_of_turn>model\nHello.<end_of_turn>\n"
@@ -124,6 +127,7 @@ GOLDEN_PROMPT = {
         "### Instruction:\n2+2?\n\n### Response:\n"
     ),
     "mistral": "<s> [INST] You are terse.\n\nHi [/INST] Hello.</s> [INST] 2+2? [/INST]",
+    "mistral-v3": "<s>[INST] Hi[/INST] Hello.</s>[INST] You are terse.\n\n2+2?[/INST]",
     "gemma": (
         "<bos><start_of_turn>user\nYou are terse.\n\nHi<end_of_turn>\n"
         "<start_of_turn>model\nHello.<end_of_turn>\n"
@@ -248,7 +252,7 @@ def prefix_violations(tpl: ChatTemplate, conversations, bos: str, eos: str) -> l
             for i in range(upto):
                 if msgs[i]["role"] != "assistant":
                     continue
-                prompt = tpl.render(msgs[:i], add_generation_prompt=True, bos_token=bos, eos_token=eos)
+                prompt = tpl.turn_prompt(msgs[:upto], i, bos_token=bos, eos_token=eos)
                 answer = full[len(prompt) :]
                 end = tpl.end_of_turn.replace("{eos}", eos)
                 # The answer that follows the prompt must be closed by the end-of-turn text.
@@ -278,7 +282,8 @@ def test_prefix_check_catches_a_generation_prompt_without_the_separator():
 
 # --- Tokens --------------------------------------------------------------------------------------
 
-_TOKEN_LIKE = re.compile(r"<\|[a-z_]+\|>|<[a-z]+_of_turn>|<(?:bos|eos)>|</?s>")
+_TOKEN_LIKE = re.compile(r"<\|[a-z_]+\|>|<[a-z]+_of_turn>|<(?:bos|eos)>|</?s>|\[/?INST\]")
+PLAIN_TEXT_MARKERS = {"mistral": {"[INST]", "[/INST]"}}  # v1's vocabulary has no such tokens
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -286,7 +291,7 @@ def test_special_tokens_are_exactly_the_token_literals_rendered(name):
     tpl = get_template(name)
     bos, eos = SPECIAL[name]
     text = render(name, TWO_TURNS) + render(name, TWO_TURNS[:2], add_generation_prompt=True)
-    seen = set(_TOKEN_LIKE.findall(text)) - {bos, eos}
+    seen = set(_TOKEN_LIKE.findall(text)) - {bos, eos} - PLAIN_TEXT_MARKERS.get(name, set())
     assert seen == set(tpl.special_tokens)
     for tok in tpl.special_tokens:
         assert tok in tpl.jinja
@@ -351,6 +356,39 @@ def test_matches_reference_template(name):
                 assert ours == rendered[0], (name, msgs, gen)
                 checked += 1
     assert checked > 100
+
+
+TOKENIZERS = FIXTURES.parent / "tokenizers"
+
+
+def _real_sentencepiece(name: str, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes((TOKENIZERS / f"{name}_tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return AutoTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizers not found at {TOKENIZERS}")
+def test_mistral_v3_tokens_follow_the_official_layout(tmp_path):
+    """mistral-common's v3 layout: BOS [INST] ▁user... [/INST] ▁answer... EOS, the system text opening the
+    last user turn; no "▁" piece of its own before the control tokens (v1's template gives two per exchange)."""
+    tok = _real_sentencepiece("mistral_v3_instruct", tmp_path)
+    inst, end_inst = tok.convert_tokens_to_ids(["[INST]", "[/INST]"])
+
+    def words(text):  # what mistral-common encodes for a message: SentencePiece with its "▁" prefix
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    official = ([tok.bos_token_id, inst] + words("Hi") + [end_inst] + words("Hello.") + [tok.eos_token_id, inst]
+                + words("You are terse.\n\n2+2?") + [end_inst] + words("4") + [tok.eos_token_id])
+    ids = tok(render("mistral-v3", TWO_TURNS), add_special_tokens=False)["input_ids"]
+    assert ids == official, tok.convert_ids_to_tokens(ids)
+    v1 = tok.convert_ids_to_tokens(tok(render("mistral", TWO_TURNS), add_special_tokens=False)["input_ids"])
+    stray = [a for a, b in zip(v1, v1[1:]) if a == "\u2581" and b in ("[INST]", "[/INST]")]
+    assert len(stray) == 4  # a lone "▁" before each marker: what the v3 template exists to avoid
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference templates not found at {FIXTURES}")
@@ -449,7 +487,7 @@ def test_all_problems_are_reported_at_once():
 def test_registry_names_and_aliases():
     assert TEMPLATE_NAMES == sorted(TEMPLATE_NAMES)
     assert set(TEMPLATES) == {
-        "chatml", "llama-3", "llama-3.1", "mistral", "alpaca", "gemma", "phi-3", "qwen-2.5"
+        "chatml", "llama-3", "llama-3.1", "mistral", "mistral-v3", "alpaca", "gemma", "phi-3", "qwen-2.5"
     }
     for tpl in TEMPLATES.values():
         assert isinstance(tpl, ChatTemplate)

@@ -19,6 +19,8 @@ to change. The checks:
 - pad_is_eos / pad_is_end_of_turn / no_pad_token: padding must not be the token the model must learn;
 - double_bos / missing_bos: BOS exactly once at the start, as in pre-training;
 - special_token_split / no_eos_token: the template's markers exist as single tokens;
+- marker_pieces_odd: the template's markers tokenize oddly on this tokenizer: a lone "▁" piece next to a
+  special token (Mistral v1's template on a v3 tokenizer), or a token of the tokenizer split into pieces;
 - chat_template_differs: `tokenizer.chat_template` renders what training saw (inference uses it);
 - truncated_rows, lengths, trained_share: what `model.max_seq_length` cuts and what is trained;
 - memory / memory_tight / memory_too_big: sftlib.training.memory's estimate against the GPU (too big is
@@ -30,7 +32,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from sftlib.data.encode import IGNORE, adds_bos, encode_conversation
+from sftlib.data.encode import IGNORE, adds_bos, encode_conversation, render
 # PreflightError and the severities are part of this module's API; the report's rendering lives apart.
 from sftlib.checks.report import FATAL, INFO, WARNING, Finding, PreflightError, Preview, Report  # noqa: F401
 
@@ -108,11 +110,45 @@ def _check_tokenizer(tokenizer, template, findings: list[Finding]) -> int | None
         findings.append(Finding(FATAL, "pad_is_end_of_turn", (
             f"the pad token is the end-of-turn token `{eot}` of template `{template.name}`: masking padding "
             f"masks every end of turn, so the model never learns to stop. {fix}")))
+    _check_marker_pieces(tokenizer, template, findings)
     if tokenizer.chat_template not in (None, template.jinja):
         findings.append(Finding(WARNING, "chat_template_differs", (
             f"`tokenizer.chat_template` is not template `{template.name}`: apply_chat_template at inference would "
             "render other text than training saw. Fix: sftlib.training.tokenizer.prepare_tokenizer sets it")))
     return eot_id
+
+
+_SAMPLE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+           {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "Bye"},
+           {"role": "assistant", "content": "Bye now"}]
+
+
+def _check_marker_pieces(tokenizer, template, findings: list[Finding]) -> None:
+    """Render a short conversation and look at the pieces around the template's markers: a "▁" piece
+    alone beside a special token is a space the template writes where the model's own format has none
+    (it costs a token per marker and is not what the model was tuned on); a token of the tokenizer's own
+    added vocabulary that the rendered text holds but the ids do not is a marker cut into pieces."""
+    sample = _SAMPLE if template.supports_system else _SAMPLE[1:]
+    try:
+        text = render(template, tokenizer, sample)
+    except ValueError:
+        return  # the template cannot render with this tokenizer; other findings say why
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    lone = [(pieces[k + 1] if k + 1 < len(ids) and ids[k + 1] in special else pieces[k - 1])
+            for k, p in enumerate(pieces) if p == "\u2581" and
+            ((k + 1 < len(ids) and ids[k + 1] in special) or (k > 0 and ids[k - 1] in special))]
+    if lone:
+        findings.append(Finding(WARNING, "marker_pieces_odd", (
+            f"template `{template.name}` puts a lone '\u2581' piece beside {', '.join(sorted(set(lone)))} on this "
+            f"tokenizer ({len(lone)} in a two-exchange conversation): a space the model's own format does not have. "
+            "Fix: pick the template made for this tokenizer (`mistral-v3` for Mistral v0.3 / v3 tokenizers)")))
+    cut = [t for t, i in tokenizer.get_added_vocab().items() if t.strip() and t in text and i not in ids]
+    if cut:
+        findings.append(Finding(WARNING, "marker_pieces_odd", (
+            f"template `{template.name}` writes {', '.join(repr(t) for t in cut)}, one token in this tokenizer, but "
+            "the rendered text tokenizes it as several pieces. Fix: pick the template made for this tokenizer")))
 
 
 def _expected_ends(raw: dict | None, ids: list[int], labels: list[int], end_id: int, cut: bool) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from sftlib.errors import SftlibError
 from sftlib.tokens import MASK, TOKEN_PATTERN
 
 # Used only while sftlib.data.templates cannot be imported; that module's TEMPLATE_NAMES is the truth.
-FALLBACK_TEMPLATE_NAMES = ("alpaca", "chatml", "gemma", "llama-3", "llama-3.1", "mistral", "phi-3", "qwen-2.5")
+FALLBACK_TEMPLATE_NAMES = ("alpaca", "chatml", "gemma", "llama-3", "llama-3.1", "mistral", "mistral-v3", "phi-3", "qwen-2.5")
 TOKEN_ADVICE = ("`{key}` holds what looks like a Hugging Face token; never put a token in a config (configs are "
                 "saved and shared): set the HF_TOKEN environment variable or a Colab secret named HF_TOKEN instead")
 # Names people bring from TRL, PEFT, Unsloth or the article's code, mapped to ours (for "did you mean").

@@ -5,7 +5,7 @@
     row["input_ids"], row["labels"]    # labels are -100 where no loss is taken
 
 How the mask is found: the template renders the conversation once. For each assistant turn i, the
-text rendered for `messages[:i]` with the generation prompt must be a prefix of it; the trained span
+text rendered for `messages[:i]` with the generation prompt (`ChatTemplate.turn_prompt`) must be a prefix of it; the trained span
 starts right after that prefix and ends after the first end-of-turn token that follows. The text is
 tokenized once, with character offsets, and a token is trained when it overlaps a trained span. So
 the assistant's words *and* its end-of-turn token are trained (the model learns to stop), and
@@ -66,7 +66,8 @@ def trained_spans(template, tokenizer, messages: list[dict]) -> tuple[str, list[
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render(template, tokenizer, messages[:i], add_generation_prompt=True)
+        prefix = template.turn_prompt(messages, i, bos_token=tokenizer.bos_token or "",
+                                      eos_token=tokenizer.eos_token or "")
         if not text.startswith(prefix):
             raise EncodeError(
                 f"template `{template.name}` renders turn {i} differently once later turns follow, "

@@ -12,12 +12,13 @@
 
 Each template renders system/user/assistant conversations byte for byte like the model family's
 published template (Llama 3 and 3.1 as in TRL, Qwen 2.5, Phi-3, ChatML and Alpaca as in axolotl,
-Mistral v1 as in mistral-common, Gemma 3 as in Google's release). Tool calls are not supported:
+Mistral v1 and v3 as in mistral-common, Gemma 3 as in Google's release). Tool calls are not supported:
 fine-tuning data here is plain turns, and a shorter template is easier to check.
 
 Every template keeps one promise that assistant-only loss masking relies on: for a valid
 conversation `m` and any assistant turn `i`, `render(m[:i], add_generation_prompt=True)` is a prefix
-of `render(m)` and ends with `assistant_prefix`. So the tokens after the prompt are exactly what the
+of `render(m)` and ends with `assistant_prefix` (`turn_prompt` says which prompt: mistral-v3 moves
+the system text to the last user turn). So the tokens after the prompt are exactly what the
 model must learn to write for turn `i`, up to and including `end_of_turn`.
 """
 
@@ -52,6 +53,9 @@ class ChatTemplate:
     # raises, Mistral's merges them into one turn). We reject them: merging two answers would make
     # the first answer's prompt stop being a prefix of the full text.
     alternating: bool = False  # user and assistant turns must alternate
+    # Mistral v3 writes the system text into the *last* user turn, so an earlier turn's prompt is the
+    # conversation rendered without it (see `turn_prompt`).
+    system_in_last_turn: bool = False
 
     def check(self, messages: list[dict[str, Any]]) -> None:
         """Raise ChatTemplateError listing every reason this template cannot render `messages`."""
@@ -128,6 +132,16 @@ class ChatTemplate:
             **kw,
         )
         return rendered[0]
+
+    def turn_prompt(self, messages: list[dict[str, Any]], i: int, **kw: Any) -> str:
+        """The text `render(messages)` has right before assistant turn `i`: the generation prompt of
+        `messages[:i]`, or, where the system text goes into the last user turn and a user turn follows
+        turn `i`, that prompt rendered without the system message (the system text comes later)."""
+        head = messages[:i]
+        later_user = any(m.get("role") == "user" for m in messages[i + 1:])
+        if self.system_in_last_turn and later_user and head and head[0].get("role") == "system":
+            head = head[1:]
+        return self.render(head, add_generation_prompt=True, **kw)
 
     def end_of_turn_text(self, eos_token: str | None) -> str:
         """`end_of_turn` with "{eos}" resolved to the tokenizer's EOS ("" when it has none)."""
@@ -308,6 +322,39 @@ MISTRAL = ChatTemplate(
     alternating=True,
 )
 
+# Mistral v3 (mistral-common's SentencePiece v3 tokenizer): [INST] and [/INST] are control tokens, written
+# with no space before them ("<s>[INST] hi[/INST] answer</s>"); the system text opens the *last* user
+# turn; a space opens each answer. As with v1, a prompt ends with "[/INST]" and the answer's leading
+# space becomes its first "▁word" piece, so prompt tokens are a prefix of the full text's tokens.
+MISTRAL_V3 = ChatTemplate(
+    name="mistral-v3",
+    jinja=(
+        "{{ bos_token }}"
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+        "{% set ns = namespace(last_user=-1) %}"
+        "{% for message in turns %}{% if message['role'] == 'user' %}{% set ns.last_user = loop.index0 %}"
+        "{% endif %}{% endfor %}"
+        "{% for message in turns %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}" + _ALTERNATE + "{% endif %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + (system + '\\n\\n' if loop.index0 == ns.last_user and system else '')"
+        " + message['content'] + '[/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    special_tokens=("[INST]", "[/INST]"),
+    end_of_turn=EOS,
+    stop_tokens=(EOS,),
+    assistant_prefix="[/INST]",
+    uses_bos=True,
+    supports_system=True,
+    aliases=("mistral-v0.3", "mistral-instruct-v3"),
+    alternating=True,
+    system_in_last_turn=True,
+)
+
 # Gemma 2/3 instruct: the assistant role is called "model"; there is no system turn, so the system
 # text opens the first user turn (Gemma 3's rule; Gemma 2's own template rejects system messages).
 GEMMA = ChatTemplate(
@@ -335,7 +382,7 @@ GEMMA = ChatTemplate(
 )
 
 TEMPLATES: dict[str, ChatTemplate] = {
-    t.name: t for t in (CHATML, LLAMA_3, LLAMA_3_1, MISTRAL, ALPACA, GEMMA, PHI_3, QWEN_2_5)
+    t.name: t for t in (CHATML, LLAMA_3, LLAMA_3_1, MISTRAL, MISTRAL_V3, ALPACA, GEMMA, PHI_3, QWEN_2_5)
 }
 _BY_NAME: dict[str, ChatTemplate] = {
     n: t for t in TEMPLATES.values() for n in (t.name, *t.aliases)

@@ -67,6 +67,13 @@ GO_TEMPLATES: dict[str, str] = {
         "{{ $first = false }}{{ .Content }} [/INST]"
         '{{ else if eq .Role "assistant" }} {{ .Content }}' + _EOS + "{{ end }}{{ end }}"
     ),
+    # Mistral v3 writes the system text into the last user turn: the first range finds it.
+    "mistral-v3": (
+        '{{ $last := 0 }}{{ range $i, $m := .Messages }}{{ if eq .Role "user" }}{{ $last = $i }}{{ end }}{{ end }}'
+        '{{ range $i, $m := .Messages }}{{ if eq .Role "user" }}[INST] '
+        "{{ if and (eq $i $last) $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"
+        '{{ else if eq .Role "assistant" }} {{ .Content }}' + _EOS + "{{ end }}{{ end }}"
+    ),
     "gemma": (
         "{{ $first := true }}{{ range .Messages }}"
         '{{ if eq .Role "user" }}<start_of_turn>user\n{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}'

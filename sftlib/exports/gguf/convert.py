@@ -116,6 +116,32 @@ def suggest_pre_tokenizer(model_dir: str | Path) -> str | None:
     return None
 
 
+def merge_rank_scores(model_dir: str | Path) -> dict[str, float] | None:
+    """Piece scores for llama.cpp's SentencePiece tokenizer, from tokenizer.json's BPE merges, when the
+    folder has no tokenizer.model (transformers 5 saves only tokenizer.json); None when not needed.
+
+    llama.cpp's "llama" tokenizer merges, at each step, the adjacent pair whose joined piece has the
+    highest score. Without tokenizer.model the converter gives every piece -1000, so it merges left to
+    right ("Give" becomes Gi|ve where SentencePiece and transformers give G|ive). tokenizer.json's merges
+    are in SentencePiece's own order, so piece score = -(rank of the first merge that makes it) restores
+    that order. Pieces no merge makes (single characters, bytes, specials) are never the result of a
+    merge, so their score never decides one; they get one below every merged piece."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if (model_dir / "tokenizer.model").is_file() or not path.is_file():
+        return None
+    model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+    merges = model.get("merges") or []
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not merges:
+        return None  # byte-level BPE (GPT-2 style) goes through the converter's "gpt2" vocabulary
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    floor = -float(len(merges))
+    return {piece: scores.get(piece, floor) for piece in model.get("vocab") or {}}
+
+
 def check_types(quantizations) -> list[str]:
     """Lower-cased types, or GGUFExportError listing every unknown or unsupported one."""
     types = [str(q).strip().lower() for q in quantizations]
@@ -147,9 +173,11 @@ def estimate_bytes(model_dir: str | Path, types: list[str], base: str) -> int:
     return int(sum(params * BITS_PER_WEIGHT[t] / 8 for t in files) * 1.05)
 
 
-# Runs llama.cpp's converter in a fresh interpreter with three of our settings wired in: the
-# special tokens / BOS rule / chat template (applied where gguf-py writes them), and the
-# pre-tokenizer used when the converter does not recognise a BPE tokenizer.
+# Runs llama.cpp's converter in a fresh interpreter with our settings wired in: the special tokens /
+# BOS rule / chat template (applied where gguf-py writes them), the pre-tokenizer used when the
+# converter does not recognise a BPE tokenizer, and SentencePiece piece scores rebuilt from
+# tokenizer.json's merges (`merge_rank_scores`), applied where gguf-py writes the scores of a "llama"
+# vocabulary whatever path of the converter built it.
 _RUNNER = r"""
 import json, runpy, sys
 spec = json.loads(sys.argv[1])
@@ -167,6 +195,26 @@ def add_to_gguf(self, gw, quiet=False):
         gw.add_add_space_prefix(spec["add_space_prefix"])
     return write_special(self, gw, quiet)
 gguf.SpecialVocab.add_to_gguf = add_to_gguf
+if spec["scores_file"]:
+    with open(spec["scores_file"], encoding="utf-8") as f:
+        piece_scores = json.load(f)
+    write_model, write_tokens, write_scores = (gguf.GGUFWriter.add_tokenizer_model, gguf.GGUFWriter.add_token_list,
+                                               gguf.GGUFWriter.add_token_scores)
+    def add_tokenizer_model(self, model):
+        self.sftlib_tokenizer_model = model
+        return write_model(self, model)
+    def add_token_list(self, tokens):
+        self.sftlib_tokens = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in tokens]
+        return write_tokens(self, tokens)
+    def add_token_scores(self, scores):
+        tokens = getattr(self, "sftlib_tokens", None)
+        if getattr(self, "sftlib_tokenizer_model", None) == "llama" and tokens and len(tokens) == len(scores):
+            scores = [piece_scores.get(t, s) for t, s in zip(tokens, scores)]
+            print("SFTLIB: piece scores from tokenizer.json merges", file=sys.stderr)
+        return write_scores(self, scores)
+    gguf.GGUFWriter.add_tokenizer_model = add_tokenizer_model
+    gguf.GGUFWriter.add_token_list = add_token_list
+    gguf.GGUFWriter.add_token_scores = add_token_scores
 from conversion import base
 known_pre = base.TextModel.get_vocab_base_pre
 def get_vocab_base_pre(self, tokenizer):
@@ -190,14 +238,22 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str, *, setting
     toolchain = toolchain or find_toolchain()
     if pre_tokenizer == "auto":
         pre_tokenizer = suggest_pre_tokenizer(model_dir)
+    scores = merge_rank_scores(model_dir)
+    scores_file = Path(outfile).parent / f".{Path(outfile).name}.scores.json"  # hidden: removed below
+    if scores is not None:
+        scores_file.write_text(json.dumps(scores), encoding="utf-8")
     spec = dict(converter=str(toolchain.converter), source_dir=str(toolchain.source_dir),
                 args=[str(model_dir), "--outtype", outtype, "--outfile", str(outfile), "--model-name", model_name],
                 token_ids={"bos": None, "eos": settings.eos_token_id, "eot": settings.eot_token_id},
                 add_bos=settings.add_bos, chat_template=settings.chat_template, pre_tokenizer=pre_tokenizer,
-                add_space_prefix=settings.add_space_prefix)
+                add_space_prefix=settings.add_space_prefix, scores_file=str(scores_file) if scores else None)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("NO_LOCAL_GGUF", None)  # the converter must use the gguf-py that ships with it
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(spec)], env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(spec)], env=env, capture_output=True,
+                              text=True)
+    finally:
+        scores_file.unlink(missing_ok=True)
     if proc.returncode == 3 and "UNKNOWN BPE PRE-TOKENIZER" in proc.stderr:
         guess = suggest_pre_tokenizer(model_dir)
         hint = (f"its tokenizer.json splits text like `{guess}`: pass pre_tokenizer={guess!r} (or \"auto\")"

@@ -92,12 +92,17 @@ def check_gguf(path, ref: Reference, tokenizer, template, settings, *, qtype: st
         # token ids
         check.token_strings = len(ref.strings)
         for text, ids in zip(ref.strings, ref.string_ids):
-            got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            if list(got) != ids:
-                check.token_mismatches.append(f"{text[:60]!r}: HF {ids[:12]}... llama.cpp {list(got)[:12]}...")
+            got = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+            if got != ids:
+                check.token_mismatches.append(describe_mismatch(text, ids, got, tokenizer))
         if check.token_mismatches:
+            kind = meta.get("tokenizer.ggml.model")
+            why = ("SentencePiece pieces merged in another order: the GGUF's piece scores are not the tokenizer's"
+                   if kind == "llama" else f"the GGUF's pre-tokenizer is {meta.get('tokenizer.ggml.pre')!r}: "
+                   "pass the `pre_tokenizer` whose split rule is the tokenizer's" if kind == "gpt2" else
+                   f"tokenizer model {kind!r}")
             check.problems.append(f"llama.cpp tokenizes {len(check.token_mismatches)}/{check.token_strings} strings "
-                                  "differently from the HF tokenizer (wrong pre_tokenizer?)")
+                                  f"differently from the HF tokenizer ({why}); first: {check.token_mismatches[0]}")
 
         # the prompt chat completion builds, as llama-cpp-python builds it
         if llm.chat_format != "chat_template.default":
@@ -112,7 +117,8 @@ def check_gguf(path, ref: Reference, tokenizer, template, settings, *, qtype: st
             got = list(llm.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True))
             if got != ids:
                 check.prompt_parity = False
-                check.problems.append(f"chat prompt ids differ from training: HF {ids[:8]}... llama.cpp {got[:8]}...")
+                check.problems.append("chat prompt ids differ from training: "
+                                      + describe_mismatch(out.prompt, ids, got, tokenizer))
                 break
 
         # logits over prompt + reference reply, and where the greedy path leaves the reference
@@ -182,6 +188,24 @@ def check_gguf(path, ref: Reference, tokenizer, template, settings, *, qtype: st
     check.ok = not check.problems
     check.seconds = time.time() - start
     return check
+
+
+def describe_mismatch(text: str, hf_ids: list[int], gguf_ids: list[int], tokenizer, context: int = 3) -> str:
+    """Where two tokenizations of `text` part: the first differing position and a few ids (with their
+    pieces, named by the HF vocabulary both sides share) around it from each side."""
+    at = next((i for i, (a, b) in enumerate(zip(hf_ids, gguf_ids)) if a != b), min(len(hf_ids), len(gguf_ids)))
+    lo = max(0, at - context)
+
+    def window(ids: list[int]) -> str:
+        part = ids[lo: at + context + 1]
+        pieces = tokenizer.convert_ids_to_tokens([i for i in part if 0 <= i < len(tokenizer)])
+        named = iter(pieces)
+        shown = ", ".join(f"{i} {next(named)!r}" if 0 <= i < len(tokenizer) else str(i) for i in part)
+        return ("... " if lo else "") + f"[{shown}]" + (" ..." if at + context + 1 < len(ids) else "")
+
+    shown_text = text if len(text) <= 80 else text[:77] + "..."
+    return (f"{shown_text!r}: ids differ from position {at} (HF {len(hf_ids)} ids, llama.cpp {len(gguf_ids)}): "
+            f"HF {window(hf_ids)}, llama.cpp {window(gguf_ids)}")
 
 
 def verify_gguf(gguf_path, model_dir, template, *, tokenizer=None, conversations=None, qtype: str | None = None,
