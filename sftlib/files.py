@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 from sftlib.errors import SftlibError
@@ -119,3 +122,122 @@ def atomic_dir(target: str | Path):
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- one run per folder ------------------------------------------------------------------------------
+
+LOCK_NAME = ".sftlib-run.lock"
+_held: dict[str, int] = {}  # folders this process holds -> how many `folder_lock` blocks hold each
+
+
+class FolderInUseError(SftlibError):
+    """Another live run writes to the same folder; the message names its PID, host and start time."""
+
+
+def _lock_holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _in_use(folder: Path, holder: dict, setting: str) -> FolderInUseError:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return FolderInUseError(
+        f"`{folder}` (`{setting}`) is in use by another run: pid {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')}, started {since}; wait for it to end, or give this run another `{setting}`")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, *, setting: str = "train.output_dir", log=None):
+    """Hold `folder` for this run: a second run that asks for it stops with FolderInUseError naming the first.
+
+    The lock is an flock on `folder/.sftlib-run.lock`, which the kernel drops when the holder dies, so a
+    lock left by a killed run is taken over (and said so through `log`). Where the file system has no
+    flock (some network mounts), the PID in the file decides: a live process on this host holds it.
+    Nested blocks in one process share the lock."""
+    import fcntl
+    import socket
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if int(os.environ.get("RANK", "0")) != 0:  # the other ranks of one launch write beside rank 0, under its lock
+        yield
+        return
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    host = socket.gethostname()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _in_use(folder, _lock_holder(path), setting) from None
+    except OSError:  # no flock here: fall back to the PID the file names
+        holder = _lock_holder(path)
+        if holder.get("host") == host and holder.get("pid") != os.getpid() and pid_alive(int(holder.get("pid", 0))):
+            os.close(fd)
+            raise _in_use(folder, holder, setting) from None
+    previous = _lock_holder(path)
+    if previous.get("pid") and log is not None:
+        log(f"`{folder}`: the run that held it (pid {previous['pid']} on {previous.get('host', '?')}) is gone; "
+            "taking it over")
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": host, "started": time.time()}).encode())
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # an empty lock file: nobody holds it
+        os.close(fd)  # releases the flock
+
+
+def folder_in_use(folder: str | Path, *, setting: str = "train.output_dir") -> FolderInUseError | None:
+    """The error `folder_lock` would raise now, without taking the lock (to stop before loading a model)."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    if not path.is_file() or str(Path(folder).resolve()) in _held:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _in_use(Path(folder), _lock_holder(path), setting)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+def writable_folder_problem(folder: str | Path, setting: str) -> str | None:
+    """Why a run could not write into `folder` (making it if needed), found before anything is loaded."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return f"`{setting}` = `{folder}` is a file, not a folder; give a folder (it is made if missing)"
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():
+            return f"`{setting}` = `{folder}`: `{probe}` is a symbolic link to nothing"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"`{setting}` = `{folder}`: `{probe}` is a file, so the folder cannot be made"
+    try:  # asked of the file system itself: permissions, a read-only mount, quotas
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        return (f"`{setting}` = `{folder}`: cannot write in `{probe}` ({e.strerror or e}); choose a folder you "
+                "can write to")
+    return None

@@ -104,6 +104,22 @@ def _silent(_: str) -> None:
 # ---- the steps ------------------------------------------------------------------------------------------
 
 
+def output_problems(cfg) -> None:
+    """Raise SftlibError when a folder the run writes to is a file, cannot be written or is in use by another
+    run. `export.output_dir` counts only when something will be exported."""
+    from sftlib.files import folder_in_use, writable_folder_problem
+
+    folders = [("train.output_dir", cfg.train.output_dir)]
+    if cfg.export.formats:
+        folders.append(("export.output_dir", cfg.export.output_dir))
+    problems = [p for setting, folder in folders if (p := writable_folder_problem(folder, setting))]
+    if problems:
+        raise SftlibError("; ".join(problems))
+    busy = folder_in_use(cfg.train.output_dir)
+    if busy is not None:
+        raise busy
+
+
 def setup(cfg, *, load_weights: bool = True, log: Log = print) -> Setup:
     """Everything that can fail without weights first (the config, the GGUF toolchain when GGUF is asked
     for, the data: loaded, converted and every row checked), then the engine (adapting `cfg` to it, saying
@@ -115,7 +131,9 @@ def setup(cfg, *, load_weights: bool = True, log: Log = print) -> Setup:
     from sftlib.training.tokenizer import prepare_tokenizer
 
     cfg.validate()
-    if load_weights and any(f.split(":")[0] == "gguf" for f in cfg.export.formats):  # a missing toolchain stops now, not after training
+    if load_weights:
+        output_problems(cfg)  # a folder the run could not write, found now and not after training
+    if load_weights and any(f.split(":")[0] == "gguf" for f in cfg.export.formats):  # a missing toolchain stops now
         from sftlib.exports.gguf.setup import require_toolchain
 
         require_toolchain()
@@ -256,6 +274,29 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
 # ---- the whole run ---------------------------------------------------------------------------------------
 
 
+def _keep_adapters(model, tokenizer, cfg, log: Log) -> Path | None:
+    """After a failed export: where the trained adapters are now safe on disk, saving them to a fallback folder
+    when the export did not write them (None if they could be written nowhere)."""
+    import tempfile
+    import time
+
+    from sftlib.exports.merged import save_adapters
+
+    written = Path(cfg.export.output_dir) / "lora"
+    if (written / "adapter_config.json").is_file():
+        return written
+    name = f"adapters-kept-{time.strftime('%Y%m%d-%H%M%S')}"
+    for parent in (Path(cfg.train.output_dir), Path.home() / "sftlib-kept", Path(tempfile.gettempdir())):
+        try:
+            folder = save_adapters(model, tokenizer, parent / name)
+        except OSError:
+            continue
+        log(f"the export failed: the trained adapters were saved to `{folder}`")
+        return folder
+    return None
+
+
+
 def run(cfg, *, log: Log = print, answer_samples: int = 0, show_answers: int = 0, callbacks=None) -> RunResult:
     """Fine-tune as `cfg` says and save the outputs: the six steps in order. Returns a `RunResult`, also written
     to `train.output_dir`/run_result.json; `.model`, `.tokenizer` and `.template_obj` are what was trained."""
@@ -286,8 +327,14 @@ def run(cfg, *, log: Log = print, answer_samples: int = 0, show_answers: int = 0
             if show_answers:
                 log(side_by_side(before.answers[:show_answers], after.answers[:show_answers]))
         if cfg.export.formats:  # the adapters are what the training made: always kept, whatever else is asked for
-            export(model, s.tokenizer, cfg, list(dict.fromkeys(["lora", *cfg.export.formats])), template=s.template,
-                   result=result, data=data, log=log)
+            try:
+                export(model, s.tokenizer, cfg, list(dict.fromkeys(["lora", *cfg.export.formats])),
+                       template=s.template, result=result, data=data, log=log)
+            except (OSError, SftlibError) as e:
+                where = _keep_adapters(model, s.tokenizer, cfg, log)
+                if where is None:
+                    raise
+                raise SftlibError(f"{e}\n(the trained adapters are safe in `{where}`)") from e
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.output_dir) / "run_result.json").write_text(result.to_json())
     result.model, result.tokenizer, result.template_obj = model, s.tokenizer, s.template

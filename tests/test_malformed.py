@@ -269,8 +269,6 @@ def test_cli_in_a_subprocess(kind, name, model_cases, tiny_model_dir, tmp_path):
 
 def test_a_rank_above_the_models_layer_width_stops_before_training(tiny_model_dir, tmp_path, capsys):
     """`lora.r` passes the config's own bound but not the model's: said once the model is known, nothing trained."""
-    import torch
-
     from transformers import AutoConfig
 
     width = min(AutoConfig.from_pretrained(tiny_model_dir).hidden_size, 4096)
@@ -283,7 +281,6 @@ def test_a_rank_above_the_models_layer_width_stops_before_training(tiny_model_di
     _assert_one_paragraph(stderr)
     assert f"`lora.r` is {width + 1}, above the width of the narrowest adapted layer" in stderr
     assert not (out / "model").exists() and not list((out / "train").glob("checkpoint-*"))
-    del torch
 
 
 def test_a_valueerror_from_a_dependency_still_shows_its_traceback(tmp_path, capsys, monkeypatch):

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sftlib.files import check_free_space
+from sftlib.files import check_free_space, folder_lock
 from sftlib.training.checkpoints import (checkpoint_callback, checkpoint_problem, list_checkpoints, resolve_resume,
                                          run_settings)
 
@@ -126,8 +126,16 @@ def train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callbac
     `resume_from_checkpoint`: a `checkpoint-N` folder, True for the newest complete one in
     `train.output_dir`, False to start over; None (the default) does what `train.resume` says.
     The adapters, optimizer, schedule and data position continue from there (`model` must have the
-    same LoRA layout as when the checkpoint was saved).
+    same LoRA layout as when the checkpoint was saved). `train.output_dir` is held for the whole
+    time (sftlib.files.folder_lock): a second run on the same folder stops, naming this one.
     """
+    with folder_lock(cfg.train.output_dir, log=print):
+        return _train(cfg, model, tokenizer, train_rows, backend=backend, eval_rows=eval_rows, callbacks=callbacks,
+                      resume_from_checkpoint=resume_from_checkpoint)
+
+
+def _train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callbacks=None,
+           resume_from_checkpoint: str | bool | None = None) -> TrainResult:
     import torch
     from trl import SFTTrainer
 

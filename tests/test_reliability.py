@@ -1,0 +1,130 @@
+"""Nothing trained is lost and no two runs share a folder: output folders checked before any loading, the
+adapters kept when the export fails after training, one run per `train.output_dir` with stale locks taken over.
+
+    pytest tests/test_reliability.py -q      (about a minute: a few 2-step trainings of the tiny model)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sftlib import cli
+from sftlib.files import LOCK_NAME, FolderInUseError, folder_lock
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(tiny_model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--preset", "cpu-demo", "--set", f"model.name={tiny_model_dir}", "--set", "train.max_steps=2",
+            "--set", "train.save_steps=0", "--set", f"train.output_dir={out / 'train'}",
+            "--set", f"export.output_dir={out / 'model'}", "--set", "export.formats=[lora]", *extra]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("which", ["train.output_dir", "export.output_dir"])
+def test_an_output_folder_that_is_a_file_stops_before_loading(which, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _args(tiny_model_dir, out)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args[args.index(f"{which}={out / ('train' if which == 'train.output_dir' else 'model')}")] = f"{which}={blocker}"
+    started = time.perf_counter()
+    assert cli.main(args) == 2
+    err = _one_line_error(capsys)
+    assert f"`{which}` = `{blocker}` is a file, not a folder" in err
+    assert time.perf_counter() - started < 10  # found before the model and data are loaded
+    assert not out.exists()
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_loading(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _args(tiny_model_dir, out, "--set", "export.output_dir=/proc/sftlib-cannot-write/model")
+    assert cli.main(args) == 2
+    err = _one_line_error(capsys)
+    assert "`export.output_dir` = `/proc/sftlib-cannot-write/model`: cannot write in `/proc`" in err
+    assert not (out / "train").exists()
+
+
+def test_adapters_are_kept_when_the_export_fails_after_training(tiny_model_dir, tmp_path):
+    """The export folder turns into a file while training runs (a full disk or a lost mount is the same
+    kind of fault): the run fails with the reason, and says where the trained adapters are."""
+    from transformers import TrainerCallback
+
+    import sftlib
+
+    out = tmp_path / "out"
+
+    class ExportFolderGoesAway(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            (out / "model").write_text("in the way")
+
+    cfg = sftlib.RunConfig.preset("cpu-demo", {"model.name": str(tiny_model_dir), "train.max_steps": 2,
+                                               "train.save_steps": 0, "train.output_dir": str(out / "train"),
+                                               "export.output_dir": str(out / "model"), "export.formats": ["lora"]})
+    with pytest.raises(sftlib.SftlibError, match=r"the trained adapters are safe in `.*adapters-kept-") as err:
+        sftlib.run(cfg, callbacks=[ExportFolderGoesAway()], log=lambda _: None)
+    kept = Path(str(err.value).rsplit("`", 2)[1])
+    assert kept.parent == out / "train"
+    assert (kept / "adapter_config.json").is_file() and (kept / "adapter_model.safetensors").is_file()
+    assert (kept / "tokenizer.json").is_file()  # with the tokenizer the template fitted: usable as it is
+
+
+def _hold(folder: Path) -> subprocess.Popen:
+    """Another process holding `folder` as a run would; returns once it holds it."""
+    code = ("import sys, time\nfrom sftlib.files import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_on_the_same_folder_stops_naming_the_first(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = _hold(out / "train")
+    try:
+        assert cli.main(_args(tiny_model_dir, out)) == 2
+        err = _one_line_error(capsys)
+        assert f"is in use by another run: pid {holder.pid} on " in err and "started 20" in err
+        assert not list((out / "train").glob("checkpoint-*")) and not (out / "model").exists()
+        with pytest.raises(FolderInUseError, match=f"pid {holder.pid}"):  # the trainer's own lock, not only the check
+            with folder_lock(out / "train"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(out / "train"):  # the kernel dropped the killed holder's lock: free again
+        pass
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = _hold(out / "train")
+    holder.kill()  # kill -9: the lock file stays, naming a process that is gone
+    holder.wait()
+    assert json.loads((out / "train" / LOCK_NAME).read_text())["pid"] == holder.pid
+    assert cli.main(_args(tiny_model_dir, out)) == 0
+    printed = capsys.readouterr().out
+    assert f"the run that held it (pid {holder.pid} on" in printed and "taking it over" in printed
+    assert (out / "model" / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_nested_locks_in_one_process_share_the_folder(tmp_path):
+    with folder_lock(tmp_path / "run"):
+        with folder_lock(tmp_path / "run"):
+            pass
+        with folder_lock(tmp_path / "run"):  # still held by the outer block
+            pass
+    assert (tmp_path / "run" / LOCK_NAME).read_text() == ""  # released: an empty file names nobody
