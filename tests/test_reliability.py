@@ -128,3 +128,72 @@ def test_nested_locks_in_one_process_share_the_folder(tmp_path):
         with folder_lock(tmp_path / "run"):  # still held by the outer block
             pass
     assert (tmp_path / "run" / LOCK_NAME).read_text() == ""  # released: an empty file names nobody
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's bookkeeping is left
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.02)
+    return not _alive(pid)
+
+
+def test_a_child_dies_with_its_parent_even_by_kill_9(tmp_path):
+    code = ("import sys\nfrom sftlib.child import run_child\n"
+            "run_child([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'])\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        deadline = time.monotonic() + 30
+        while not _children(parent.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (child,) = _children(parent.pid)
+        parent.kill()
+        parent.wait()
+        assert _gone_within(child, 2.0), "the child outlived its parent"
+    finally:
+        parent.kill()
+
+
+def test_the_gguf_converter_dies_with_a_killed_export(tiny_model_dir, tmp_path):
+    """kill -9 of `python -m sftlib export` while llama.cpp's converter runs: the converter goes too."""
+    from sftlib.exports.gguf.setup import find_toolchain
+
+    find_toolchain()  # `make test` builds it; without it this test cannot say anything
+    cmd = [sys.executable, "-m", "sftlib", "export", "--model", str(tiny_model_dir), "--formats", "gguf:f16",
+           "--template", "chatml", "--pre-tokenizer", "auto", "--out", str(tmp_path / "out")]
+    export = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        converter = None
+        deadline = time.monotonic() + 300
+        while converter is None and export.poll() is None and time.monotonic() < deadline:
+            for pid in _children(export.pid):
+                try:
+                    if "convert_hf_to_gguf" in Path(f"/proc/{pid}/cmdline").read_text():
+                        converter = pid
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.01)
+        assert converter is not None, f"the converter never started (export exit {export.poll()})"
+        export.kill()
+        export.wait()
+        # The converter imports torch and gguf first (seconds): alive a second later means it was orphaned.
+        assert _gone_within(converter, 1.0), "llama.cpp's converter outlived the killed export"
+    finally:
+        export.kill()

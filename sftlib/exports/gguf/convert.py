@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sftlib.child import run_child
 from sftlib.exports.report import ExportError, ExportVerifyError
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -250,8 +250,7 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str, *, setting
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("NO_LOCAL_GGUF", None)  # the converter must use the gguf-py that ships with it
     try:
-        proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(spec)], env=env, capture_output=True,
-                              text=True)
+        proc = run_child([sys.executable, "-c", _RUNNER, json.dumps(spec)], env=env)
     finally:
         scores_file.unlink(missing_ok=True)
     if proc.returncode == 3 and "UNKNOWN BPE PRE-TOKENIZER" in proc.stderr:
@@ -292,6 +291,6 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int | Non
     if not binary:
         raise GGUFExportError(f"cannot quantize to `{qtype}`: neither `llama_cpp` nor `llama-quantize` is "
                               "available; run `python -m sftlib gguf-setup`")
-    proc = subprocess.run([binary, str(src), str(dst), qtype.upper(), str(threads)], capture_output=True, text=True)
+    proc = run_child([binary, str(src), str(dst), qtype.upper(), str(threads)])
     if proc.returncode != 0 or not Path(dst).is_file():
         raise GGUFExportError(f"llama-quantize failed writing `{qtype}`:\n{proc.stderr[-2000:]}")

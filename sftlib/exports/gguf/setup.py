@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftlib.child import run_child
 from sftlib.errors import SftlibError
 
 VERSION = "0.3.36"  # llama-cpp-python; bundles llama.cpp with a converter that handles transformers 5 configs
@@ -134,7 +135,7 @@ def require_toolchain(*, python: str | None = None) -> Toolchain:
 
 def _pip(python: str, *args: str, env: dict | None = None, log=print) -> None:
     cmd = [python, "-m", "pip", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = run_child(cmd, env=env)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise GGUFToolchainError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}")
