@@ -245,6 +245,8 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
     out = Path(out or cfg.export.output_dir)
     report = write(model, tokenizer, cfg, formats, out=out, template=template, log=log, **options)
     outputs = {**report.outputs, "export_report": report.report_path}
+    if result is not None:  # the card lists the files of this export
+        result.outputs.update(outputs)
     card = write_card(out, cfg, result or RunResult(outputs=outputs), template=template,
                       train_ds=data.train if data is not None else None)
     outputs["card"] = str(card)
