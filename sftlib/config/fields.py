@@ -153,6 +153,9 @@ class ExportConfig:
     gguf_pre_tokenizer: str = setting("", "llama.cpp pre-tokenizer for a BPE tokenizer its converter does not know "
                                           "(e.g. llama-bpe, qwen2, gpt-2, or auto: read it from tokenizer.json); "
                                           "empty: the converter recognizes it.")
+    check_max_new_tokens: int = setting(128, "Longest reply (in tokens) each export check generates: a reply that "
+                                             "has not stopped by then cannot show whether the file stops too, and "
+                                             "the report says so.")
     push_to_hub: bool = setting(False, "Upload the exports to the Hugging Face Hub (needs hub_repo and a token).")
     hub_repo: str = setting("", "Hub repository `owner/name` to upload to.")
     hub_private: bool = setting(True, "Create the Hub repository as private.")
