@@ -127,7 +127,7 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     cfg = RunConfig.preset("cpu-demo").with_overrides({
         "model.name": str(tiny_model_dir), "data.source": str(_write_chat_data(tmp_path / "c.jsonl", 16)),
         "data.eval_size": 0, "lora.train_embeddings": "auto", "train.max_steps": 6, "train.learning_rate": 1e-2,
-        "train.warmup_steps": 0, "train.output_dir": str(tmp_path / "out"),
+        "train.warmup_steps": 0, "train.output_dir": str(tmp_path / "out"), "train.save_steps": 3,
     })
     backend = choose_backend("cpu")
     template = get_template("chatml")
@@ -153,6 +153,8 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     assert {k.split(".")[-3] for k in others} == {"embed_tokens", "lm_head"} and \
         all(shape == (len(rows), 64) for shape in others.values()), others
     assert sum(v.numel() for v in saved.values()) == sum(trainable_parameters(model).values())
+    checkpoint = load_file(tmp_path / "out" / "checkpoint-6" / "adapter_model.safetensors")  # checkpoints too
+    assert {k: v.shape for k, v in checkpoint.items()} == {k: v.shape for k, v in saved.items()}
     reloaded, _ = load_adapters(cfg.model.name, lora_dir)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, reference, atol=1e-5, rtol=0)
