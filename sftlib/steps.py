@@ -174,10 +174,11 @@ def prepare_data(cfg, setup: Setup, *, log: Log = print) -> Data:
                    if info.weak_stop_ids else ""))
     if cfg.train.preflight != "off":  # before any training: fatal findings stop here, saying what to change
         from sftlib.checks.preflight import preflight
-        from sftlib.training.memory import embeddings_trained_by
+        from sftlib.training.lora import embedding_plan
 
         name = setup.backend.name
-        embeddings = embeddings_trained_by(cfg, bool(setup.tokens.rows_to_train), name)
+        rows, whole = embedding_plan(cfg, name, setup.tokens)  # what add_adapters will train, for the estimate
+        embeddings = True if whole else "rows" if rows else False
         data.preflight = preflight(cfg, tokenizer, template, train_rows, raw_rows=train_ds, model=setup.model,
                                    backend=name, embeddings_trained=embeddings, tokens=setup.tokens)
         log(data.preflight.to_text())

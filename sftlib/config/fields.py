@@ -88,8 +88,10 @@ class LoraConfig:
     use_dora: bool = setting(False, "Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank.")
     bias: str = setting("none", "Which biases to train alongside the adapters.", choices=LORA_BIASES)
     train_embeddings: str = setting(
-        "auto", "Train embed_tokens and lm_head: `auto` only when tokens were added to the vocabulary "
-        "(e.g. ChatML's on a base model), `always`, or `never`.", choices=TRAIN_EMBEDDINGS)
+        "auto", "Train embed_tokens and lm_head: `auto` = only the rows that need it (tokens added to the "
+        "vocabulary, e.g. ChatML's on a base model, and an end-of-turn token the base never predicts), saved "
+        "as rows; Unsloth trains both whole when tokens were added. `always` = both matrices whole; `never`.",
+        choices=TRAIN_EMBEDDINGS)
 
 
 @dataclass
