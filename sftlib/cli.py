@@ -150,10 +150,18 @@ def _export(args, say) -> int:
     from sftlib.steps import export
 
     given = args.config or args.preset or args.set
-    model, tokenizer, cfg = load_for_export(args.model, _config(args) if given else None)
-    if args.template:
-        cfg = cfg.with_overrides({"model.chat_template": args.template})
-    export(model, tokenizer, cfg, args.formats, out=args.out, verify=not args.no_verify,
+    model, tokenizer, cfg = load_for_export(args.model, _config(args) if given else None, template=args.template)
+    say(f"export: {cfg.model.name} with the adapters in {args.model}" if cfg.model.name != str(args.model) else
+        f"export: the model in {args.model}")
+    conversations = None
+    if not (args.config or args.preset) and cfg.sources.get("data.source") != "override":
+        from sftlib.exports.reference import DEFAULT_CONVERSATIONS
+
+        # no run config: the default data (a Hub dataset) is not this model's; check on generic prompts
+        conversations = DEFAULT_CONVERSATIONS
+        if not args.no_verify:
+            say("export: checks on generic prompts (give --config, or --set data.source=..., for the run's own)")
+    export(model, tokenizer, cfg, args.formats, out=args.out, verify=not args.no_verify, conversations=conversations,
            pre_tokenizer=args.pre_tokenizer, push=False, log=say)
     return 0
 

@@ -179,14 +179,26 @@ def prepare_data(cfg, setup: Setup, *, log: Log = print) -> Data:
                 truncated_rows=sum(train_rows["truncated"]))
     log(f"tokens: {total} in training rows, {data.trained_share:.0%} trained ({cfg.data.train_on}), "
         f"{data.truncated_rows} rows cut at {cfg.model.max_seq_length}")
+    if setup.model is not None:
+        from sftlib.checks.stopping import probe_stop
+
+        # a base that never predicts its end-of-turn token cannot learn to stop through LoRA alone: under
+        # `lora.train_embeddings: auto`, sftlib.training.lora trains the rows this finds
+        info = setup.tokens
+        info.stop_probability, info.weak_stop_ids = probe_stop(setup.model, train_rows, info.stop_token_ids)
+        if info.stop_probability is not None:
+            log(f"end of turn: the base gives it probability {info.stop_probability:.1e} where assistant turns end"
+                + (f"; rows {info.weak_stop_ids} too unlikely, trained under `lora.train_embeddings: auto`"
+                   if info.weak_stop_ids else ""))
     if cfg.train.preflight != "off":  # before any training: fatal findings stop here, saying what to change
         from sftlib.checks.preflight import preflight
-        from sftlib.training.memory import embeddings_trained_by
+        from sftlib.training.lora import embedding_plan
 
         name = setup.backend.name
-        embeddings = embeddings_trained_by(cfg, bool(setup.tokens.added_tokens), name)
+        rows, whole = embedding_plan(cfg, name, setup.tokens)  # what add_adapters will train, for the estimate
+        embeddings = True if whole else "rows" if rows else False
         data.preflight = preflight(cfg, tokenizer, template, train_rows, raw_rows=train_ds, model=setup.model,
-                                   backend=name, embeddings_trained=embeddings)
+                                   backend=name, embeddings_trained=embeddings, tokens=setup.tokens)
         log(data.preflight.to_text())
         if cfg.train.preflight == "stop":
             data.preflight.raise_if_fatal()
@@ -252,7 +264,7 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
     out = Path(out or cfg.export.output_dir)
     report = write(model, tokenizer, cfg, formats, out=out, template=template, log=log, **options)
     outputs = {**report.outputs, "export_report": report.report_path}
-    if result is not None:
+    if result is not None:  # the card lists the files of this export
         result.outputs.update(outputs)
     card = write_card(out, cfg, result or RunResult(outputs=outputs), template=template,
                       train_ds=data.train if data is not None else None)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import json
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,20 @@ CORPUS = [
     "Tabs\tand\nnewlines, quotes \"like this\" and émojis 🙂 too.",
 ] * 20
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def _shared_fixtures() -> Path:
+    """The real fixtures folder: `SFTLIB_FIXTURES` when set, else `shared/fixtures` beside the repository
+    (a checkout whose parent holds `shared/`); tests that need it skip when it is not there."""
+    if os.environ.get("SFTLIB_FIXTURES"):
+        return Path(os.environ["SFTLIB_FIXTURES"]).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+SHARED_FIXTURES = _shared_fixtures()
+STORIES = SHARED_FIXTURES / "model" / "stories260K"
+needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason="the shared fixture model/stories260K is not here "
+                                   "(set SFTLIB_FIXTURES to the fixtures folder)")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,6 +53,78 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", CORPUS, vocab_size=400, hidden_size=64,
                             intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def stories260k_to_hf(folder: Path, out: Path) -> Path:
+    """llama2.c's legacy checkpoint -> a transformers Llama folder (layout facts from the fixture README)."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    raw = (folder / "stories260K.bin").read_bytes()
+    dim, hidden, layers, heads, kv_heads, vocab, _ = np.frombuffer(raw[:28], dtype="<i4")
+    data, pos = np.frombuffer(raw[28:], dtype="<f4"), 0
+    head_dim, kv_dim = dim // heads, dim // heads * kv_heads
+
+    def take(*shape):
+        nonlocal pos
+        n = int(np.prod(shape))
+        pos += n
+        return torch.from_numpy(data[pos - n:pos].reshape(shape).copy())
+
+    def unpermute(w, n_heads):  # interleaved rotary pairs -> transformers' half-split layout
+        rows, cols = w.shape
+        return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    emb, att_norm = take(vocab, dim), take(layers, dim)
+    wq, wk, wv, wo = take(layers, dim, dim), take(layers, kv_dim, dim), take(layers, kv_dim, dim), take(layers, dim, dim)
+    ffn_norm, w1, w2, w3 = take(layers, dim), take(layers, hidden, dim), take(layers, dim, hidden), take(layers, hidden, dim)
+    final_norm = take(dim)
+    config = LlamaConfig(vocab_size=int(vocab), hidden_size=int(dim), intermediate_size=int(hidden),
+                         num_hidden_layers=int(layers), num_attention_heads=int(heads), num_key_value_heads=int(kv_heads),
+                         max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, head_dim=int(head_dim))
+    model = LlamaForCausalLM(config)
+    state = {"model.embed_tokens.weight": emb, "model.norm.weight": final_norm, "lm_head.weight": emb}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state.update({p + "input_layernorm.weight": att_norm[i], p + "post_attention_layernorm.weight": ffn_norm[i],
+                      p + "self_attn.q_proj.weight": unpermute(wq[i], heads),
+                      p + "self_attn.k_proj.weight": unpermute(wk[i], kv_heads),
+                      p + "self_attn.v_proj.weight": wv[i], p + "self_attn.o_proj.weight": wo[i],
+                      p + "mlp.gate_proj.weight": w1[i], p + "mlp.down_proj.weight": w2[i], p + "mlp.up_proj.weight": w3[i]})
+    model.load_state_dict(state)
+    model.save_pretrained(out)
+    tok_dir = out.parent / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.model").write_bytes((folder / "tok512.model").read_bytes())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True}))
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_dir(tmp_path_factory) -> Path:
+    """The real pretrained stories260K as a transformers folder (tied embeddings, its SentencePiece tokenizer),
+    checked against its model card: the card's token ids, and greedy text from BOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not STORIES.is_dir():
+        pytest.skip("the shared fixture model/stories260K is not here (set SFTLIB_FIXTURES)")
+    out = stories260k_to_hf(STORIES, tmp_path_factory.mktemp("stories") / "hf")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("Once upon a time, there was a little girl named Lily.")["input_ids"] == \
+        [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426]  # as in the card
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = [1]
+    with torch.no_grad():
+        for _ in range(24):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert tok.decode(ids, skip_special_tokens=True).startswith("Once upon a time, there was a little girl named Lily.")
+    return out
 
 
 @pytest.fixture()

@@ -76,11 +76,16 @@ def test_only_the_added_token_rows_are_trained_by_default(tiny):
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
     rows = {n: p for n, p in trainable.items() if "trainable_tokens" in n}
-    assert {n.split(".token_adapter")[0].rsplit(".", 1)[-1] for n in rows} == {"embed_tokens"}
-    assert all(p.shape[0] == len(info.added_tokens) for p in rows.values())  # two rows, not the vocab
-    # the untied head is trained whole (TRL's loss reads its weight directly)
-    assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
-    assert not any("embed_tokens" in n and "modules_to_save" in n for n in trainable)
+    # the same rows of the input embeddings and of the untied head, not the vocab; no matrix trained whole
+    assert {n.split(".token_adapter")[0].rsplit(".", 1)[-1] for n in rows} == {"embed_tokens", "lm_head"}
+    assert set(info.added_token_ids) <= set(info.rows_to_train)
+    assert all(p.shape[0] == len(info.rows_to_train) for p in rows.values())
+    assert not any("modules_to_save" in n for n in trainable)
+    # TRL's default loss reads lm_head.weight/.bias and skips the head's forward, which applies the rows
+    from sftlib.training.trainer import sft_config
+
+    assert sft_config(cfg, CPU, peft_model).loss_type == "nll"
+    assert sft_config(cfg, CPU, add_lora(type(model)(model.config), cfg, CPU)).loss_type == "chunked_nll"
     targets = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
     assert targets == set(cfg.lora.target_modules)
 

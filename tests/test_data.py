@@ -33,7 +33,9 @@ from sftlib.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("SFTLIB_FIXTURES") or REPO.parent / "shared" / "fixtures") / "datasets"
+from conftest import SHARED_FIXTURES  # noqa: E402
+
+FIXTURES = SHARED_FIXTURES / "datasets"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -118,7 +118,7 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     from sftlib.data import load_dataset
     from sftlib.data import encode_dataset
     from sftlib.exports.merged import load_adapters, save_adapters, save_merged
-    from sftlib.training.lora import add_lora
+    from sftlib.training.lora import add_lora, trainable_parameters
     from sftlib.training.model import load_model
     from sftlib.training.tokenizer import prepare_tokenizer
     from sftlib.data.templates import get_template
@@ -127,7 +127,7 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     cfg = RunConfig.preset("cpu-demo").with_overrides({
         "model.name": str(tiny_model_dir), "data.source": str(_write_chat_data(tmp_path / "c.jsonl", 16)),
         "data.eval_size": 0, "lora.train_embeddings": "auto", "train.max_steps": 6, "train.learning_rate": 1e-2,
-        "train.warmup_steps": 0, "train.output_dir": str(tmp_path / "out"),
+        "train.warmup_steps": 0, "train.output_dir": str(tmp_path / "out"), "train.save_steps": 3,
     })
     backend = choose_backend("cpu")
     template = get_template("chatml")
@@ -142,14 +142,28 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     with torch.no_grad():
         reference = model(input_ids=ids).logits
     lora_dir = save_adapters(model, tokenizer, tmp_path / "lora")
+    # only LoRA matrices and the trained rows are saved, of the input embeddings and of the untied head:
+    # not the resized matrices PEFT would write whole
+    from safetensors.torch import load_file
+
+    saved = load_file(lora_dir / "adapter_model.safetensors")
+    rows = info.rows_to_train
+    assert set(info.added_token_ids) <= set(rows) and set(info.new_row_ids) <= set(rows)
+    others = {k: v.shape for k, v in saved.items() if "lora_" not in k}
+    assert {k.split(".")[-3] for k in others} == {"embed_tokens", "lm_head"} and \
+        all(shape == (len(rows), 64) for shape in others.values()), others
+    assert sum(v.numel() for v in saved.values()) == sum(trainable_parameters(model).values())
+    checkpoint = load_file(tmp_path / "out" / "checkpoint-6" / "adapter_model.safetensors")  # checkpoints too
+    assert {k: v.shape for k, v in checkpoint.items()} == {k: v.shape for k, v in saved.items()}
     reloaded, _ = load_adapters(cfg.model.name, lora_dir)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, reference, atol=1e-5, rtol=0)
     merged = AutoModelForCausalLM.from_pretrained(save_merged(cfg.model.name, lora_dir, tmp_path / "m", dtype="float32"))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, reference, atol=1e-4, rtol=0)
-    changed = (merged.get_input_embeddings().weight - base_embed).abs().amax(dim=1) > 0
-    assert sorted(changed.nonzero().flatten().tolist()) == sorted(info.added_token_ids)
+    old = base_embed.shape[0]
+    changed = (merged.get_input_embeddings().weight[:old] - base_embed[:old]).abs().amax(dim=1) > 0
+    assert sorted(changed.nonzero().flatten().tolist()) == [r for r in rows if r < old]
 
 
 def test_demo_runs_as_a_user_runs_it(tmp_path):

@@ -225,6 +225,39 @@ def test_cli_export_from_an_adapter_folder(trained):
     assert none.returncode == 2 and "adapter_config.json" in none.stderr and "Traceback" not in none.stderr
 
 
+def test_cli_export_without_config_names_what_it_exports_and_takes_template(trained, tiny_model_dir):
+    """A `--set` without a config keeps the base the adapters name (not the default config's model); the GGUF
+    file and its general.name come from that base; a tokenizer without a template needs `--template`, which
+    then works."""
+    import llama_cpp
+
+    from sftlib.exports.merged import save_adapters
+
+    tmp = trained["tmp"]
+    folder = save_adapters(trained["model"], trained["tokenizer"], tmp / "bare-lora")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "sftlib", "export", "--model", str(folder), "--set", "export.check_max_new_tokens=64",
+           "--formats", "gguf:f16", "--pre-tokenizer", "auto", "--out", str(tmp / "bare-out")]
+    missing = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert missing.returncode == 2 and "pass --template" in missing.stderr, missing.stderr[-2000:]
+    proc = subprocess.run(cmd + ["--template", "chatml"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Meta-Llama" not in proc.stdout + proc.stderr and str(tiny_model_dir) in proc.stdout
+    assert "generic prompts" in proc.stdout  # no run config: the default data set is not this model's
+    (item,) = json.loads((tmp / "bare-out" / "export_report.json").read_text())["items"]
+    path = Path(item["path"])
+    assert item["ok"] and path.name == f"{tiny_model_dir.name}-sft.F16.gguf", item
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        assert llm.metadata["general.name"] == f"{tiny_model_dir.name}-sft"
+    finally:
+        llm.close()
+
+
 def test_a_format_too_big_to_load_back_is_written_and_said_unchecked(trained, monkeypatch):
     """An 8B merged in 16-bit will not load beside the training model on a 15 GB T4: written, not checked, said so."""
     import sftlib.exports.verify

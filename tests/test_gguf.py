@@ -36,7 +36,7 @@ from sftlib.exports.gguf.setup import find_toolchain
 from sftlib.data.templates import get_template
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from conftest import needs_stories  # noqa: E402
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QA = [
@@ -586,61 +586,12 @@ def test_cli_export_merges_adapters_and_writes_verified_gguf(chatml_dir, tmp_pat
 # ----------------------------------------------------------------------------- a real pretrained model
 
 
-def _stories260k_to_hf(folder: Path, out: Path) -> Path:
-    """llama2.c's legacy checkpoint -> a transformers Llama folder (layout facts from the fixture README)."""
-    import numpy as np
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    raw = (folder / "stories260K.bin").read_bytes()
-    dim, hidden, layers, heads, kv_heads, vocab, _ = np.frombuffer(raw[:28], dtype="<i4")
-    data, pos = np.frombuffer(raw[28:], dtype="<f4"), 0
-    head_dim, kv_dim = dim // heads, dim // heads * kv_heads
-
-    def take(*shape):
-        nonlocal pos
-        n = int(np.prod(shape))
-        pos += n
-        return torch.from_numpy(data[pos - n:pos].reshape(shape).copy())
-
-    def unpermute(w, n_heads):  # interleaved rotary pairs -> transformers' half-split layout
-        rows, cols = w.shape
-        return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-    emb, att_norm = take(vocab, dim), take(layers, dim)
-    wq, wk, wv, wo = take(layers, dim, dim), take(layers, kv_dim, dim), take(layers, kv_dim, dim), take(layers, dim, dim)
-    ffn_norm, w1, w2, w3 = take(layers, dim), take(layers, hidden, dim), take(layers, dim, hidden), take(layers, hidden, dim)
-    final_norm = take(dim)
-    config = LlamaConfig(vocab_size=int(vocab), hidden_size=int(dim), intermediate_size=int(hidden),
-                         num_hidden_layers=int(layers), num_attention_heads=int(heads), num_key_value_heads=int(kv_heads),
-                         max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2, head_dim=int(head_dim))
-    model = LlamaForCausalLM(config)
-    state = {"model.embed_tokens.weight": emb, "model.norm.weight": final_norm, "lm_head.weight": emb}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        state.update({p + "input_layernorm.weight": att_norm[i], p + "post_attention_layernorm.weight": ffn_norm[i],
-                      p + "self_attn.q_proj.weight": unpermute(wq[i], heads),
-                      p + "self_attn.k_proj.weight": unpermute(wk[i], kv_heads),
-                      p + "self_attn.v_proj.weight": wv[i], p + "self_attn.o_proj.weight": wo[i],
-                      p + "mlp.gate_proj.weight": w1[i], p + "mlp.down_proj.weight": w2[i], p + "mlp.up_proj.weight": w3[i]})
-    model.load_state_dict(state)
-    model.save_pretrained(out)
-    tok_dir = out.parent / "tok"
-    tok_dir.mkdir()
-    (tok_dir / "tokenizer.model").write_bytes((folder / "tok512.model").read_bytes())
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True}))
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
-    return out
-
-
-@pytest.mark.skipif(not (SHARED_FIXTURES / "model" / "stories260K").is_dir(), reason="shared fixtures not present")
-def test_real_stories260k_gguf_tells_the_story_of_its_model_card(tmp_path):
+@needs_stories
+def test_real_stories260k_gguf_tells_the_story_of_its_model_card(stories_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     expected = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
-    hf_dir = _stories260k_to_hf(SHARED_FIXTURES / "model" / "stories260K", tmp_path / "hf")
+    hf_dir = stories_dir
     tok = AutoTokenizer.from_pretrained(hf_dir)
     assert tok("Once upon a time, there was a little girl named Lily.")["input_ids"] == \
         [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426]  # as in the card

@@ -27,7 +27,9 @@ from sftlib.data.templates import (
     get_template,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chat_templates"
+from conftest import SHARED_FIXTURES  # noqa: E402
+
+FIXTURES = SHARED_FIXTURES / "chat_templates"
 
 REFERENCE_FILES = {
     "chatml": "axolotl_chatml.jinja",

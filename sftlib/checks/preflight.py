@@ -21,6 +21,8 @@ to change. The checks:
 - special_token_split / no_eos_token: the template's markers exist as single tokens;
 - marker_pieces_odd: the template's markers tokenize oddly on this tokenizer: a lone "▁" piece next to a
   special token (Mistral v1's template on a v3 tokenizer), or a token of the tokenizer split into pieces;
+- end_of_turn_unlikely / end_of_turn_not_in_vocab: the base never predicts its end-of-turn token, or its
+  eos_token was added as a new row; a warning when that row is not trained (sftlib.checks.stopping);
 - chat_template_differs: `tokenizer.chat_template` renders what training saw (inference uses it);
 - truncated_rows, lengths, trained_share: what `model.max_seq_length` cuts and what is trained;
 - memory / memory_tight / memory_too_big: sftlib.training.memory's estimate against the GPU (too big is
@@ -171,13 +173,15 @@ def _expected_ends(raw: dict | None, ids: list[int], labels: list[int], end_id: 
 
 def preflight(cfg, tokenizer, template, train_rows, *, raw_rows=None, model=None, backend: str | None = None,
               gpu=None, embeddings_trained: bool | None = None, shape=None, sample: int = 2000,
-              preview: int = 3, row_numbers: list[int] | None = None) -> Report:
+              preview: int = 3, row_numbers: list[int] | None = None, tokens=None) -> Report:
     """Check encoded `train_rows` (and the run's memory) before training; returns a `Report`.
 
     Up to `sample` rows are checked (a seeded random sample, the first `preview` rows always among
     them). `model`, `shape` (sftlib.training.memory.ModelShape), `backend`, `gpu` and `embeddings_trained` feed
     the memory estimate; without `model` or `shape` the shape is read from `cfg.model.name`'s config.
     `row_numbers[i]` names row i in messages (default: i), for rows taken from a larger dataset.
+    `tokens` (sftlib.training.tokenizer.TokenizerInfo, after sftlib.checks.stopping.probe_stop) feeds the
+    end-of-turn findings.
     """
     train_on, limit = cfg.data.train_on, cfg.model.max_seq_length
     report = Report(rows_total=len(train_rows), max_seq_length=limit)
@@ -236,6 +240,12 @@ def preflight(cfg, tokenizer, template, train_rows, *, raw_rows=None, model=None
     report.trained_lost = None if lost_unknown else lost
     _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut)
     _memory_finding(report, cfg, tokenizer, model, shape, backend, gpu, embeddings_trained)
+    if tokens is not None:
+        from sftlib.checks.stopping import stop_findings
+
+        from sftlib.training.lora import stop_rows_trained
+
+        findings += stop_findings(tokens, tokenizer, template, rows_trained=stop_rows_trained(cfg, backend, tokens))
     order = {FATAL: 0, WARNING: 1, INFO: 2}
     report.findings.sort(key=lambda f: order[f.severity])
     return report
@@ -393,8 +403,11 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
     except Exception:  # no config.json to read: the memory finding says so
         shape = None
     backend = cfg.backend if cfg.backend != "auto" else None
-    embeddings = memory.embeddings_trained_by(cfg, info.resized, backend)
+    if shape is not None and tokenizer.eos_token_id is not None:  # an eos_token the base's vocabulary lacks
+        info.eos_added = tokenizer.eos_token_id >= shape.vocab
+    embeddings = memory.embeddings_trained_by(cfg, info.resized or info.eos_added, backend)
     report = preflight(cfg, tokenizer, template, rows, raw_rows=subset, shape=shape, gpu=gpu, backend=backend,
-                       embeddings_trained=embeddings, sample=len(rows), preview=preview, row_numbers=numbers)
+                       embeddings_trained=embeddings, sample=len(rows), preview=preview, row_numbers=numbers,
+                       tokens=info)
     report.rows_total = n
     return report

@@ -88,8 +88,10 @@ class LoraConfig:
     use_dora: bool = setting(False, "Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank.")
     bias: str = setting("none", "Which biases to train alongside the adapters.", choices=LORA_BIASES)
     train_embeddings: str = setting(
-        "auto", "Train embed_tokens and lm_head: `auto` only when tokens were added to the vocabulary "
-        "(e.g. ChatML's on a base model), `always`, or `never`.", choices=TRAIN_EMBEDDINGS)
+        "auto", "Train embed_tokens and lm_head: `auto` = only the rows that need it (tokens added to the "
+        "vocabulary, e.g. ChatML's on a base model, and an end-of-turn token the base never predicts), saved "
+        "as rows; Unsloth trains both whole when tokens were added. `always` = both matrices whole; `never`.",
+        choices=TRAIN_EMBEDDINGS)
 
 
 @dataclass
@@ -153,6 +155,9 @@ class ExportConfig:
     gguf_pre_tokenizer: str = setting("", "llama.cpp pre-tokenizer for a BPE tokenizer its converter does not know "
                                           "(e.g. llama-bpe, qwen2, gpt-2, or auto: read it from tokenizer.json); "
                                           "empty: the converter recognizes it.")
+    check_max_new_tokens: int = setting(128, "Longest reply (in tokens) each export check generates: a reply that "
+                                             "has not stopped by then cannot show whether the file stops too, and "
+                                             "the report says so.")
     push_to_hub: bool = setting(False, "Upload the exports to the Hugging Face Hub (needs hub_repo and a token).")
     hub_repo: str = setting("", "Hub repository `owner/name` to upload to.")
     hub_private: bool = setting(True, "Create the Hub repository as private.")

@@ -69,19 +69,23 @@ def parse_formats(formats, gguf_default=()) -> tuple[list[str], list[str]]:
 
 
 def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None, template=None, verify: bool = True,
-           conversations=None, pre_tokenizer: str | None = None, max_new_tokens: int = 48,
+           conversations=None, pre_tokenizer: str | None = None, max_new_tokens: int | None = None,
+           model_name: str | None = None,
            log: Callable[[str], None] = print) -> ExportReport:
     """Write `formats` (default `cfg.export.formats`) of `model` (a peft model with adapters, or a merged
     model) to `out` (default `cfg.export.output_dir`), verify each, print and return the table.
 
     `conversations`: check prompts (message lists ending with a user turn; default: from the run's data,
-    else generic ones); `max_new_tokens`: length bound of the reference replies."""
+    else generic ones); `max_new_tokens`: length bound of the reference replies (default
+    `export.check_max_new_tokens`); `model_name`: the GGUF's general.name and file stem (default: the
+    model exported, `<name>-sft`)."""
     from sftlib.data.templates import get_template
     from sftlib.exports.reference import config_conversations, hf_reference
     from sftlib.exports.verify import quantization_config
     from sftlib.training.tokenizer import stop_token_ids
 
     start = time.time()
+    max_new_tokens = max_new_tokens or cfg.export.check_max_new_tokens
     hf_formats, types = parse_formats(cfg.export.formats if formats is None else formats,
                                       cfg.export.gguf_quantizations)
     _refuse_what_cannot_be_written(model, hf_formats, types)
@@ -98,6 +102,8 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
         model.eval()
         ref = hf_reference(model, tokenizer, template, conversations, max_new_tokens=max_new_tokens)
         model.train(was_training)
+        if ref.unchecked_stops():
+            log(f"export: {ref.unchecked_stops()}")
         stops = set(stop_token_ids(tokenizer, template))
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=out))  # steps towards other formats, never kept
     try:
@@ -108,11 +114,12 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
             from sftlib.exports.gguf.export import export_gguf
 
             base = "sftlib-demo" if cfg.model.name == "demo" else Path(str(cfg.model.name).rstrip("/")).name
+            model_name = model_name or f"{base}-sft"
             pre = pre_tokenizer or getattr(cfg.export, "gguf_pre_tokenizer", "") or None
             if pre is None and cfg.model.name == "demo":
                 pre = "gpt-2"  # the demo's tokenizer is sftlib.demo.tiny's: byte-level BPE with GPT-2's split
             gguf = export_gguf(merged_dir, out / "gguf", types, template=template, tokenizer=tokenizer,
-                               model_name=f"{base}-sft", pre_tokenizer=pre, verify=verify, conversations=conversations,
+                               model_name=model_name, pre_tokenizer=pre, verify=verify, conversations=conversations,
                                max_new_tokens=max_new_tokens, log=log, raise_on_failure=False)
             report.items += gguf.items
     finally:

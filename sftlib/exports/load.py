@@ -3,6 +3,10 @@
     from sftlib.exports.load import load_for_export
     model, tokenizer, cfg = load_for_export("outputs/model/lora")      # base and template from the folder
     model, tokenizer, cfg = load_for_export("outputs/model/lora", cfg) # or from a run config
+    model, tokenizer, cfg = load_for_export("outputs/model/lora", template="chatml")
+
+The base is the one the adapters name (adapter_config.json), unless the config sets `model.name`
+itself (a config file or an override; a preset's or the default's name is only a guess).
 """
 
 from __future__ import annotations
@@ -20,9 +24,15 @@ def template_of(tokenizer):
     return next((t for t in TEMPLATES.values() if text and t.jinja == text), None)
 
 
-def load_for_export(folder: str | Path, cfg=None, *, device: str | None = None):
-    """(model, tokenizer, cfg) from a folder of saved adapters (`adapter_config.json`; the base is
-    `cfg.model.name` when a config is given, else the one the adapters name) or of a merged model."""
+def _named_explicitly(cfg, key: str) -> bool:
+    return cfg is not None and cfg.sources.get(key) in ("file", "override")
+
+
+def load_for_export(folder: str | Path, cfg=None, *, template: str | None = None, device: str | None = None):
+    """(model, tokenizer, cfg) from a folder of saved adapters (`adapter_config.json`; the base is the one
+    the adapters name unless `cfg` sets `model.name` explicitly) or of a merged model. `template` (a name)
+    is the chat template used in training, else the config's (when it sets one) or the one the saved
+    tokenizer carries. The returned cfg names the model that was loaded."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,8 +43,8 @@ def load_for_export(folder: str | Path, cfg=None, *, device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if (folder / "adapter_config.json").is_file():
-        base = cfg.model.name if cfg is not None else \
-            json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        named = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = cfg.model.name if _named_explicitly(cfg, "model.name") or not named else named
         from sftlib.demo import model_folder
 
         if base and Path(base).resolve() == model_folder().resolve():
@@ -50,11 +60,14 @@ def load_for_export(folder: str | Path, cfg=None, *, device: str | None = None):
     else:
         raise ExportError(f"`{folder}` holds neither LoRA adapters (adapter_config.json) nor a model (config.json); "
                           "point --model at the `lora` or `merged_16bit` folder a run wrote")
-    if cfg is None:
-        template = template_of(tokenizer)
-        if template is None:
+    if template is None and _named_explicitly(cfg, "model.chat_template"):
+        template = cfg.model.chat_template
+    if template is None:
+        known = template_of(tokenizer)
+        template = known.name if known is not None else (cfg.model.chat_template if cfg is not None else None)
+        if known is None and not (cfg is not None and cfg.sources.get("model.chat_template", "").startswith("preset")):
             raise ExportError(f"the tokenizer in `{folder}` carries no chat template sftlib knows; pass --template "
                               "(the one used in training) or --config")
-        cfg = RunConfig().with_overrides({"model.name": base, "model.chat_template": template.name})
+    cfg = (cfg or RunConfig()).with_overrides({"model.name": base, "model.chat_template": template})
     model.eval()
     return model, tokenizer, cfg

@@ -48,6 +48,15 @@ class Reference:
     strings: list[str] = field(default_factory=list)  # for the token-id check
     dtype: str = "float32"  # of the reference model; bfloat16 when float32 did not fit
     string_ids: list[list[int]] = field(default_factory=list)
+    max_new_tokens: int = 0  # the length bound of the replies
+
+    def unchecked_stops(self) -> str | None:
+        """A note when replies reached `max_new_tokens` without a stop token: their stops could not be checked."""
+        cut = [i for i, r in enumerate(self.reply_ids) if len(r) >= self.max_new_tokens and not self.stopped[i]]
+        if not cut:
+            return None
+        return (f"stopping not checked for prompt{'s' if len(cut) > 1 else ''} {', '.join(map(str, cut))}: the reply "
+                f"reached {self.max_new_tokens} tokens without a stop token; raise `export.check_max_new_tokens`")
 
 
 def available_ram() -> int:
@@ -118,7 +127,8 @@ def hf_reference(model_or_dir, tokenizer, template, conversations=None, *, max_n
     conversations = [list(c) for c in (conversations or DEFAULT_CONVERSATIONS)]
     stops = set(stop_token_ids(tokenizer, template))
     device = next(model.parameters()).device
-    ref = Reference(conversations=conversations, prompt_ids=[], reply_ids=[], stopped=[], reply_texts=[], dtype=dtype)
+    ref = Reference(conversations=conversations, prompt_ids=[], reply_ids=[], stopped=[], reply_texts=[], dtype=dtype,
+                    max_new_tokens=max_new_tokens)
     for messages in conversations:
         ids = prompt_ids(tokenizer, template, messages)
         reply = greedy(model, ids, stops, max_new_tokens)

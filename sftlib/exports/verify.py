@@ -89,6 +89,8 @@ def compare(model, ref, stops: set[int], *, kind: str, strict: bool = True, quan
     both_fp32 = ref.dtype == "float32" and next(model.parameters()).dtype == torch.float32 and not quantized
     if kind == "lora" and both_fp32 and out["max_abs_dlogit"] > LORA_MAX_ABS:
         out["problems"].append(f"logits differ by up to {out['max_abs_dlogit']:.2e} (allowed {LORA_MAX_ABS:g} in float32)")
+    if ref.unchecked_stops():
+        out["notes"].append(ref.unchecked_stops())
     if not out["stop_expected"]:
         out["notes"].append("the model in memory ended no reply with a confident stop token: stopping not checked")
     return out

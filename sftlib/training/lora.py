@@ -26,25 +26,58 @@ def trainable_parameters(model) -> dict[str, int]:
     return {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def add_lora(model, cfg, backend, tokens=None):
-    """Wrap `model` with LoRA adapters as `cfg.lora` says. `tokens` is what `prepare_tokenizer` returned:
-    when it added tokens, their embeddings are trained too (or the model could never emit them).
+def _module_name(model, module) -> str | None:
+    return next((name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module), None)
 
-    With `lora.train_embeddings: auto` and the ids of the added tokens, only those rows of the input
-    embeddings are trained (PEFT's trainable tokens), and an untied LM head is trained whole, instead
-    of both matrices with their optimizer states (about 10 GiB for Llama 3.1 8B, which would not fit
-    a T4). `always` trains both matrices whole; Unsloth always does.
+
+def rows_trained_only(model) -> bool:
+    """Whether the output embeddings of this (peft) model are trained as rows (PEFT trainable tokens): then
+    the loss must go through the head's own forward, which applies the rows (see sftlib.training.trainer)."""
+    return type(model.get_output_embeddings()).__name__ == "TrainableTokensWrapper"
+
+
+def embedding_plan(cfg, backend: str | None, tokens) -> tuple[list[int], bool]:
+    """(rows trained as PEFT trainable tokens, whether embeddings and head are trained whole instead).
+
+    `auto`: the rows `tokens.rows_to_train` lists. Unsloth trains no rows, only whole matrices: there,
+    only new rows (added tokens) make it train both whole, and a stop token the base never predicts is
+    left to pre-flight's warning (training 2 x vocab x hidden for one row could not fit a T4)."""
+    mode = cfg.lora.train_embeddings
+    if mode == "always":
+        return [], True
+    if mode == "never" or tokens is None:
+        return [], False
+    rows = list(getattr(tokens, "rows_to_train", None) or getattr(tokens, "added_token_ids", None) or [])
+    if backend in (None, "unsloth"):
+        grew = bool(getattr(tokens, "added_token_ids", None) or getattr(tokens, "new_row_ids", None))
+        return [], grew
+    return rows, False
+
+
+def stop_rows_trained(cfg, backend: str | None, tokens) -> bool:
+    """Whether training will move the rows of the stop tokens pre-flight found unlikely (or newly added)."""
+    rows, whole = embedding_plan(cfg, backend, tokens)
+    wanted = set(getattr(tokens, "weak_stop_ids", None) or [])
+    return whole or wanted <= set(rows)
+
+
+def add_lora(model, cfg, backend, tokens=None):
+    """Wrap `model` with LoRA adapters as `cfg.lora` says. `tokens` is what `prepare_tokenizer` returned
+    (after sftlib.checks.stopping.probe_stop, when prepare_data ran): the rows it lists in `rows_to_train`
+    (added tokens, rows beyond the base's matrix, stop tokens the base never predicts) are trained too, or
+    the model could never emit them.
+
+    With `lora.train_embeddings: auto`, only those rows are trained, of the input embeddings and of the
+    LM head (PEFT's trainable tokens on both; a tied head shares them), and only they are saved with the
+    adapters: a few MB instead of two vocab x hidden matrices and their optimizer states (about 10 GiB to
+    train and 4 GiB to save for Llama 3.1 8B). `always` trains both matrices whole; Unsloth always does.
     """
     lora = cfg.lora
-    new_token_ids = list(getattr(tokens, "added_token_ids", None) or [])
-    train_embeddings = bool(getattr(tokens, "added_tokens", None))
-    rows_only = lora.train_embeddings == "auto" and bool(new_token_ids) and backend.name != "unsloth"
-    if lora.train_embeddings == "always":
-        train_embeddings = True
-    elif lora.train_embeddings == "never":
-        if train_embeddings:
-            warnings.warn("tokens were added but `lora.train_embeddings: never`: the model cannot learn to emit them")
-        train_embeddings = False
+    rows, whole = embedding_plan(cfg, backend.name, tokens)
+    if lora.train_embeddings == "never" and getattr(tokens, "rows_to_train", None):
+        warnings.warn("tokens were added (or the base never predicts its end-of-turn token) but "
+                      "`lora.train_embeddings: never`: the model cannot learn to emit them")
+    rows_only = bool(rows) and not whole
     missing = [m for m in lora.target_modules if m not in linear_module_names(model)]
     if missing:
         raise ConfigError(Problem("lora.target_modules", f"`lora.target_modules`: {missing} not found in this "
@@ -54,7 +87,11 @@ def add_lora(model, cfg, backend, tokens=None):
     if narrowest is not None and lora.r > narrowest:  # a rank above a layer's width adds nothing and wastes memory
         raise ConfigError(Problem("lora.r", f"`lora.r` is {lora.r}, above the width of the narrowest adapted layer "
                                   f"({narrowest}) of this model; use at most {narrowest} (8-128 is usual)"))
-    saved = ["embed_tokens", "lm_head"] if train_embeddings else None
+    embed_name = _module_name(model, model.get_input_embeddings()) or "embed_tokens"
+    head = model.get_output_embeddings()
+    head_name = _module_name(model, head) or "lm_head"
+    tied = head is None or head.weight is model.get_input_embeddings().weight
+    saved = [embed_name] + ([] if head is None else [head_name]) if whole else None
     plan = None
     if cfg.train.gradient_checkpointing == "auto" or cfg.train.auto_batch:
         from sftlib.training import autotune  # decided here: Unsloth sets checkpointing up when it adds LoRA
@@ -79,13 +116,10 @@ def add_lora(model, cfg, backend, tokens=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     token_rows = None
-    if rows_only and train_embeddings:
-        ids = sorted(set(new_token_ids))
-        token_rows = {"embed_tokens": ids}
-        # An untied head needs its new rows trained too, or the model never predicts the new tokens. TRL's
-        # loss multiplies by `lm_head.weight` (and `.bias`) directly, which a row adapter cannot serve, so
-        # the head is trained whole: about 3 GiB for Llama 3.1 8B instead of 10 for both matrices.
-        saved = None if getattr(model.config, "tie_word_embeddings", False) else ["lm_head"]
+    if rows_only:
+        # A tied head shares the input rows (PEFT ties the two wrappers); an untied one gets the same rows
+        # of its own, or the model could read the new tokens but never predict them.
+        token_rows = {embed_name: rows} if tied else {embed_name: rows, head_name: rows}
     peft_cfg = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
         bias=lora.bias, use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM",
@@ -95,5 +129,16 @@ def add_lora(model, cfg, backend, tokens=None):
 
     torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are random: same seed, same start
     model = get_peft_model(model, peft_cfg)
+    if rows_only:
+        _save_rows_only(model)
     model.sftlib_plan = plan  # the memory plan when `auto` chose the settings, else None
     return model
+
+
+def _save_rows_only(model) -> None:
+    """Save (adapters and checkpoints alike) the LoRA matrices and the trained rows, not the embedding
+    matrices: PEFT writes them whole, in float32, whenever the vocabulary grew, unless told not to. Loading
+    resizes the base (sftlib.exports.merged.load_adapters) and every new row comes from the adapter."""
+    import functools
+
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)

@@ -29,6 +29,10 @@ float32 (the compute dtype: `model.dtype`; `auto` = 16-bit on a GPU, 32-bit on a
 - logits: TRL's default loss (`chunked_nll`) projects 256 tokens at a time, so about 256 x vocab x
   (b + 20) bytes (float32 logits, log-softmax, entropy terms and their gradients), plus the reordered
   hidden states and their gradient. The logits and a layer's gradients are never alive together.
+  With only rows of the embeddings trained (`lora.train_embeddings: auto`, new tokens or an unlikely
+  end-of-turn token, sftlib.training.lora) the loss runs through the head's forward (`nll`): all
+  tokens x vocab logits at b, their float32 copy and its gradient (b + 8 bytes each), plus the head
+  with its trained rows written in (vocab x h x b) and its gradient; the rows themselves cost nothing.
 
 Measured on the CPU (tests/test_preflight.py runs two of these; a 28 M-parameter Llama, vocab 16000,
 sftlib.training.trainer with TRL, peak resident memory growth): seven configurations (batch x seq 4x256, 8x256,
@@ -222,14 +226,12 @@ def _peak_parts(cfg, shape: ModelShape, device: str, backend: str, embeddings_tr
     targets = [shape.linears[n] for n in lo.target_modules if n in shape.linears]
     lora_params = sum(lo.r * (i_ + o_) for i_, o_, _ in targets)
     parts["LoRA weights, gradients, optimizer"] = lora_params * (8 + _optimizer_bytes(t.optim, 4)) / GiB
-    if embeddings_trained:
-        head_only = embeddings_trained == "head"  # input rows trained as a small adapter; an untied head whole
-        n = shape.vocab * h * ((0 if shape.tie_embeddings else 1) if head_only else (1 if shape.tie_embeddings else 2))
+    rows_only = embeddings_trained == "rows"  # a few rows as PEFT trainable tokens: negligible weights
+    if embeddings_trained and not rows_only:
+        n = shape.vocab * h * (1 if shape.tie_embeddings else 2)
         fp16 = m.dtype == "float16" or (m.dtype == "auto" and gpu == "T4")  # a T4 has no bfloat16
         pb = 4 if (b == 4 or fp16) else 2
-        if n:
-            label = "trained LM head" if head_only else "trained embeddings and LM head"
-            parts[label] = n * (2 * pb + _optimizer_bytes(t.optim, pb)) / GiB
+        parts["trained embeddings and LM head"] = n * (2 * pb + _optimizer_bytes(t.optim, pb)) / GiB
 
     static = sum(parts.values()) * GiB
     tokens = t.batch_size * m.max_seq_length
@@ -247,6 +249,8 @@ def _peak_parts(cfg, shape: ModelShape, device: str, backend: str, embeddings_tr
     mask_bool, mask_layer = (square, square * b) if masked else (0, 0)
     # TRL's default loss (`chunked_nll`, TRL >= 1.14) computes the logits TRL_CHUNK tokens at a time, on every backend.
     logits = TRL_CHUNK * shape.vocab * (b + 20) + 2 * tokens * h * b
+    if rows_only:  # the head's own forward (`nll`): every token's logits, and the head with its rows written in
+        logits = tokens * shape.vocab * (b + 8) + 2 * shape.vocab * h * b
     gc = t.gradient_checkpointing
     offload = gc == "unsloth" and backend == "unsloth"
     inputs = 2 * tokens * b * h if offload else tokens * L * b * h  # what checkpointing keeps on the device
@@ -298,7 +302,7 @@ def _verdict(peak: float, gpu_gib: float | None) -> str:
 
 def embeddings_trained_by(cfg, vocabulary_grew: bool, backend: str | None) -> bool | str:
     """What sftlib.training.lora.add_lora trains besides LoRA, for the estimate: True (embeddings and LM head
-    whole), "head" (rows of the input embeddings as a small adapter, an untied LM head whole) or False.
+    whole), "rows" (rows of both as PEFT trainable tokens, the loss through the head's forward) or False.
     `lora.train_embeddings: auto` trains both whole under Unsloth (and when the backend is not known
     yet: the larger estimate), the head only elsewhere."""
     mode = cfg.lora.train_embeddings
@@ -306,7 +310,7 @@ def embeddings_trained_by(cfg, vocabulary_grew: bool, backend: str | None) -> bo
         return True
     if mode != "auto" or not vocabulary_grew:
         return False
-    return True if backend in (None, "unsloth") else "head"
+    return True if backend in (None, "unsloth") else "rows"
 
 
 def estimate_memory(cfg, shape: ModelShape | None = None, *, device: str = "cuda", gpu=None, backend: str | None = None,
@@ -316,7 +320,7 @@ def estimate_memory(cfg, shape: ModelShape | None = None, *, device: str = "cuda
     `gpu`: T4, A100, H100, a size in GiB or (name, GiB); None = the GPU of the config's preset, if any.
     `backend`: unsloth | hf | cpu; None = unsloth on `cuda` unless `cfg.backend` is `hf`, else cpu.
     `embeddings_trained`: tokens were added, so embed_tokens and lm_head are trained as well (True), or
-    only an untied lm_head whole ("head"); see `embeddings_trained_by`.
+    only rows of both ("rows"); see `embeddings_trained_by`.
     """
     if shape is None:
         shape = fallback_shape(cfg.model.name)

@@ -24,10 +24,20 @@ class TokenizerInfo:
     pad_added: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     added_token_ids: list[int] = field(default_factory=list)  # rows that start untrained: train them
+    new_row_ids: list[int] = field(default_factory=list)  # every row beyond the base's matrix (added tokens, pad,
+    # an eos_token the vocabulary lacked, which transformers adds silently): saved with the adapters
+    eos_added: bool = False  # the tokenizer's eos_token was not in the base's vocabulary
+    weak_stop_ids: list[int] = field(default_factory=list)  # stop rows the base almost never predicts: trained
+    stop_probability: float | None = None  # the base's mean probability of ending assistant turns (None: not probed)
 
     @property
     def resized(self) -> bool:
-        return bool(self.added_tokens) or self.pad_added
+        return bool(self.added_tokens) or self.pad_added or bool(self.new_row_ids)
+
+    @property
+    def rows_to_train(self) -> list[int]:
+        """Rows of the embeddings (and LM head) that must learn: new rows, and stop rows the base never predicts."""
+        return sorted({*self.added_token_ids, *self.new_row_ids, *self.weak_stop_ids})
 
 
 def _is_single_token(tokenizer, text: str) -> bool:
@@ -67,6 +77,8 @@ def prepare_tokenizer(model, tokenizer, template) -> TokenizerInfo:
     info.pad_token = pad
     if model is not None:  # None: only the tokenizer is wanted, e.g. to look at data before loading weights
         old = model.get_input_embeddings().weight.shape[0]
+        info.new_row_ids = list(range(old, len(tokenizer)))
+        info.eos_added = tokenizer.eos_token_id is not None and tokenizer.eos_token_id >= old
         if len(tokenizer) > old:
             import torch
 

@@ -60,8 +60,9 @@ def _peak_rss_gib() -> float:
     return kib / (1024 ** 2) if sys.platform != "darwin" else kib / (1024 ** 3)
 
 
-def sft_config(cfg, backend):
-    """The `trl.SFTConfig` for `cfg`: every value comes from the run config, nothing hidden."""
+def sft_config(cfg, backend, model=None):
+    """The `trl.SFTConfig` for `cfg`: every value comes from the run config, nothing hidden; `model` (with
+    its adapters) picks the loss path."""
     import torch
     from trl import SFTConfig
 
@@ -100,7 +101,18 @@ def sft_config(cfg, backend):
         dataloader_num_workers=0,
         remove_unused_columns=True,
         disable_tqdm=False,
+        loss_type=_loss_type(model),
     )
+
+
+def _loss_type(model) -> str | None:
+    """TRL's default loss (`chunked_nll`) reads `lm_head.weight` and `.bias` and skips the head's forward. A
+    head trained as rows (PEFT trainable tokens, see sftlib.training.lora) applies its rows in that forward
+    and has no `.bias`: its loss goes through the forward (`nll`), which costs the full logits (counted by
+    sftlib.training.memory), not a whole trained head."""
+    from sftlib.training.lora import rows_trained_only
+
+    return "nll" if model is not None and rows_trained_only(model) else None
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
@@ -144,7 +156,7 @@ def _train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callba
     if drop:
         train_rows = train_rows.remove_columns(drop)
     resume = resolve_resume(cfg, resume_from_checkpoint)
-    args = sft_config(cfg, backend)
+    args = sft_config(cfg, backend, model)
     if cfg.train.save_steps > 0:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         check_free_space(cfg.train.output_dir, trained * ADAM_BYTES_PER_PARAM, "a training checkpoint",

@@ -178,6 +178,8 @@ def check_gguf(path, ref: Reference, tokenizer, template, settings, *, qtype: st
                 else:
                     check.problems.append(f"prompt {i}: the HF model ends its turn after {len(reply)} tokens, "
                                           f"llama.cpp did not stop within {2 * len(reply) + 16}")
+        if ref.unchecked_stops():
+            check.notes.append(ref.unchecked_stops())
         if not check.stop_expected:
             msg = "the HF model ended no reply with a confident stop token, so stopping could not be checked; " \
                   "pass `conversations` the fine-tuned model answers"
