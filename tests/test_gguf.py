@@ -36,7 +36,7 @@ from sftlib.exports.gguf.setup import find_toolchain
 from sftlib.data.templates import get_template
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import needs_stories  # noqa: E402
+from conftest import SHARED_FIXTURES, needs_stories  # noqa: E402
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QA = [
@@ -283,7 +283,6 @@ def test_killed_export_leaves_only_hidden_temporary_files(chatml_dir, tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         from sftlib.exports.gguf.export import export_gguf
-from sftlib.exports.gguf.verify import describe_mismatch
         export_gguf({str(chatml_dir)!r}, {str(out)!r}, ["f16", "q8_0"], template="chatml",
                     pre_tokenizer="llama-bpe", log=lambda s: print(s, flush=True))
     """)

@@ -427,7 +427,9 @@ def test_cli_exit_status(tiny_model_dir, tmp_path, capsys):
     assert main(["preflight", "--config", str(config), "--set", "train.preflight=sometimes"]) == 2  # config error
 
 
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers"
+from conftest import SHARED_FIXTURES  # noqa: E402
+
+TOKENIZERS = SHARED_FIXTURES / "tokenizers"
 
 
 @pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizers not found at {TOKENIZERS}")
