@@ -177,3 +177,26 @@ def test_batches_equal_the_per_row_definition_at_the_boundary(tokenizer_kind, na
                      for m in rows]
         for key in ("input_ids", "labels", "truncated"):
             assert fast[key] == [r[key] for r in reference], (name, train_on, key)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_preflight_finds_nothing_wrong_with_such_rows(tiny, tiny_model_dir, name):
+    """Replies starting with newlines and spaces: no warning or fatal finding about the mask or the ends."""
+    from datasets import Dataset
+
+    from sftlib.checks.preflight import FATAL, WARNING, preflight
+    from sftlib.config import RunConfig
+    from sftlib.data import encode_dataset
+
+    model, _ = tiny
+    template = get_template(name)
+    tokenizer = fresh("bpe", template)
+    rows = [m if template.supports_system else [t for t in m if t["role"] != "system"] for m in conversations(30, 2)]
+    assert crossing_rows(tokenizer, template, rows)[0] > 0 or name not in ("chatml", "qwen-2.5", "phi-3", "alpaca")
+    ds = Dataset.from_dict({"messages": rows})
+    encoded = encode_dataset(ds, tokenizer, template, max_length=256)
+    cfg = RunConfig.preset("cpu-demo").with_overrides({"model.name": str(tiny_model_dir)})
+    report = preflight(cfg, tokenizer, template, encoded, raw_rows=ds, model=model)
+    flagged = [f.code for f in report.findings if f.severity in (FATAL, WARNING)
+               and f.code not in ("memory", "memory_tight", "memory_too_big", "pad_is_eos", "no_pad_token")]
+    assert not flagged, report.to_text()
