@@ -7,7 +7,8 @@
 How the mask is found: the template renders the conversation once. For each assistant turn i, the
 text rendered for `messages[:i]` with the generation prompt (`ChatTemplate.turn_prompt`) must be a prefix of it; the trained span
 starts right after that prefix and ends after the first end-of-turn token that follows. The text is
-tokenized once, with character offsets, and a token is trained when it overlaps a trained span. So
+tokenized once, with character offsets (cut apart at an answer's start where a token would cross it,
+see sftlib.data.boundary), and a token is trained when it overlaps a trained span. So
 the assistant's words *and* its end-of-turn token are trained (the model learns to stop), and
 nothing depends on guessing marker strings or token ids.
 
