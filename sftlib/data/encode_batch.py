@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from sftlib.data.boundary import prepends_space, straddled, tokenize_cut
 from sftlib.data.encode import (IGNORE, EncodeError, NoTemplate, adds_bos, bos_prefix, encode_conversation,
                                 mask_labels, render_whole, trained_spans)
 
@@ -133,18 +134,32 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
     special = (tokenizer.bos_token or "", tokenizer.eos_token or "")
     eot = template.end_of_turn_text(tokenizer.eos_token)
     backend = _rust_tokenizer(tokenizer)
+    splits = masked and not prepends_space(tokenizer)  # see sftlib.data.boundary
     parts = []
 
-    def finish(future, spans, text_lengths):
+    def finish(future, spans, texts):
+        cut_rows = splits
         out_ids, out_offsets = _ids_and_offsets(future.result(), masked)
-        n = np.fromiter(map(len, out_ids), np.int64, len(out_ids))
-        body = np.fromiter(itertools.chain.from_iterable(out_ids), np.int64, int(n.sum()))
+        text_lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+        while True:  # at most twice: rows with a token across an answer's start are tokenized again, as encode.py does
+            n = np.fromiter(map(len, out_ids), np.int64, len(out_ids))
+            body = np.fromiter(itertools.chain.from_iterable(out_ids), np.int64, int(n.sum()))
+            if not masked:
+                break
+            flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(out_offsets)), np.int64,
+                               2 * len(body))
+            redo = _straddling_rows(n, flat[0::2], flat[1::2], spans, text_lengths) if cut_rows else []
+            if not len(redo):
+                break
+            out_ids, out_offsets = list(out_ids), list(out_offsets)
+            for r in redo:
+                out_ids[r], out_offsets[r] = tokenize_cut(tokenizer, texts[r], [a for a, _ in spans[r]],
+                                                          {"input_ids": out_ids[r], "offset_mapping": out_offsets[r]})
+            cut_rows = False
         sizes, ids = _frame(body, n, head, tail)
         labels = None
         if masked:
-            flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(out_offsets)), np.int64,
-                               2 * len(body))
-            mask = _mask_batch(body, n, flat[0::2], flat[1::2], spans, np.asarray(text_lengths, np.int64))
+            mask = _mask_batch(body, n, flat[0::2], flat[1::2], spans, text_lengths)
             labels = _frame(mask, n, label_head, tail)[1]
         truncated = sizes > max_length if max_length is not None else np.zeros(len(n), bool)
         if truncated.any():
@@ -174,7 +189,7 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
                         spans.append(row_spans)
                 except ValueError as exc:  # the template's or ours: say which row, keep the reason
                     raise EncodeError(f"row {index}: {exc}") from exc
-            submitted = (pool.submit(_tokenize, tokenizer, backend, texts, masked), spans, list(map(len, texts)))
+            submitted = (pool.submit(_tokenize, tokenizer, backend, texts, masked), spans, texts)
             if pending is not None:
                 finish(*pending)  # Python turns the last chunk into arrays while Rust tokenizes this one
             pending = submitted
@@ -268,6 +283,35 @@ def _mask_batch(ids: np.ndarray, n: np.ndarray, s: np.ndarray, e: np.ndarray, sp
         lo, hi = row_starts[r], row_starts[r] + n[r]
         labels[lo:hi] = mask_labels(ids[lo:hi].tolist(), list(zip(s[lo:hi].tolist(), e[lo:hi].tolist())), spans[r])
     return labels
+
+
+def _straddling_rows(n: np.ndarray, s: np.ndarray, e: np.ndarray, spans: list[list[tuple[int, int]]],
+                     text_lengths: np.ndarray) -> np.ndarray:
+    """The rows in which a token crosses the start of a trained span (`boundary.straddled` for every row at
+    once): rows shifted apart along one axis as in `_mask_batch`, a cut is crossed when the furthest end of
+    the tokens starting before it lies past it. Offsets that go backwards or past their text: every row
+    with spans is checked one by one."""
+    rows = len(n)
+    row_of = np.repeat(np.arange(rows), n)
+    shift = _starts(text_lengths + 1)
+    counts = np.fromiter(map(len, spans), np.int64, rows)
+    cuts = np.fromiter((a for row in spans for a, _ in row), np.int64, int(counts.sum()))
+    span_row = np.repeat(np.arange(rows), counts)
+    start, end = s + shift[row_of], e + shift[row_of]
+    if not len(cuts) or not len(start):
+        return np.zeros(0, np.int64)
+    if (np.diff(start) < 0).any() or (e > text_lengths[row_of]).any():
+        return np.array([r for r in range(rows) if spans[r] and _row_crossed(n, s, e, r, spans[r])], np.int64)
+    k = np.searchsorted(start, cuts + shift[span_row], side="left") - 1
+    reach = np.maximum.accumulate(end)
+    crossed = (k >= 0) & (reach[np.maximum(k, 0)] > cuts + shift[span_row])
+    return np.unique(span_row[crossed])
+
+
+def _row_crossed(n, s, e, r, row_spans) -> bool:
+    lo = int(n[:r].sum())
+    offsets = list(zip(s[lo:lo + n[r]].tolist(), e[lo:lo + n[r]].tolist()))
+    return bool(straddled(offsets, [a for a, _ in row_spans]))
 
 
 def _reference_batch(values, indices, tokenizer, template, column, train_on, max_length) -> dict[str, list]:
