@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 
 from sftlib.config import RunConfig
 
@@ -116,7 +116,7 @@ def page():
 def _open(page, lab, name: str):
     page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?token={lab['token']}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    page.locator(".jp-StatusBar-Widget", has_text="| Idle").first.wait_for(timeout=90_000)  # the kernel is up
     return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
 
 
@@ -126,7 +126,7 @@ def _wait_done(cell, what: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while True:
         text = prompt.inner_text().strip()
-        if text[:2] not in ("[*", "[ ") and text.startswith("[") and text[1].isdigit():
+        if re.fullmatch(r"\[\d+\]:", text):
             return
         if time.time() > deadline:
             pytest.fail(f"{what} did not finish in {timeout} s (prompt {text!r})")
@@ -156,7 +156,7 @@ def _field(form, label: str):
 
 def _yaml_tab(form) -> dict:
     form.locator(".lm-TabBar-tab", has_text="config (YAML)").click()
-    text = form.locator(".widget-tab pre").first.inner_text()
+    text = form.locator("pre").first.inner_text()
     return RunConfig.from_yaml(text).to_dict()
 
 
