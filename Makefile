@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-cpu
 GGUF_STAMP := $(VENV)/.installed-gguf
 
-.PHONY: demo test install gguf-deps clean notebooks
+.PHONY: demo test install gguf-deps clean notebooks browser-test chromium
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ $(GGUF_STAMP): $(STAMP) sftlib/exports/gguf/setup.py
 
 test: $(STAMP) $(GGUF_STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+# The notebooks in JupyterLab in a real browser (tests/test_browser.py, a few minutes): Debian's chromium,
+# installed when missing (as root, as CI runs); the test fails, saying why, when there is none.
+chromium:
+	command -v chromium >/dev/null 2>&1 || apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
+
+browser-test: $(STAMP) chromium
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m browser tests/test_browser.py
 
 # Rewrite notebooks/*.ipynb, colab_badges.md and the README's notebook list from scripts/make_notebooks.py
 # (this also strips any outputs a notebook was saved with).

@@ -31,12 +31,87 @@ def test_headless_form_holds_exactly_the_injected_values():
     assert form.config().sources == expected.sources
     # The widgets show those values too: sliders were widened, not clamped.
     assert form.widgets["lora.r"].value == 256
-    assert form.widgets["train.learning_rate"].value == pytest.approx(0.5)
+    assert form.widgets["train.learning_rate"].value == 0.5
     assert form.widgets["train.batch_size"].value == 128
-    assert form.widgets["lora.dropout"].value == pytest.approx(0.9)
+    assert form.widgets["lora.dropout"].value == 0.9
     assert form.widgets["model.max_seq_length"].value == 300
-    assert form.widgets["train.epochs"].value == pytest.approx(0.25)
+    assert form.widgets["train.epochs"].value == 0.25
     assert form.widgets["export.formats"].value == "lora, merged_16bit"
+
+
+def _browser_echo(widget: w.Widget):
+    """The value a browser's view sends back after showing `widget.value` (ipywidgets' own rounding).
+
+    Sliders snap to their step (a log slider snaps the exponent), then the value travels as JSON.
+    Number boxes, text boxes and selections send back what they were given."""
+    value = widget.value
+    if isinstance(widget, w.FloatLogSlider):
+        exp = widget.min + round((math.log(value, widget.base) - widget.min) / widget.step) * widget.step
+        value = widget.base ** exp
+    elif isinstance(widget, (w.FloatSlider, w.IntSlider)):
+        value = widget.min + round((value - widget.min) / widget.step) * widget.step
+    return json.loads(json.dumps(value))
+
+
+def _echo_all(form: ConfigForm) -> None:
+    for widget in form.widgets.values():
+        if not isinstance(widget, (w.SelectMultiple, w.SelectionSlider, w.Dropdown)):  # these send an index
+            widget.set_state({"value": _browser_echo(widget)})  # as a comm message from the frontend lands
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_showing_the_form_changes_nothing(preset):
+    """What the browser sends back after rendering the form is not an edit: every value stays exactly the
+    preset's (3e-4 stays 3e-4, not 3.1623e-4; 3 epochs stay 3, not 3.0000000000000004)."""
+    form = ConfigForm(preset, {"train.max_steps": 60})
+    expected = RunConfig.preset(preset).with_overrides({"train.max_steps": 60}, source=PARAMETERS)
+    _echo_all(form)
+    _echo_all(form)
+    assert form.config() == expected and form.config().to_yaml() == expected.to_yaml()
+    assert WIDGET not in form.config().sources.values()
+    assert form.yaml() == expected.to_yaml()  # the YAML tab shows what trains
+
+
+def test_numbers_are_exact_number_boxes_that_never_clamp():
+    form = ConfigForm("article")
+    for key in ("train.learning_rate", "train.epochs", "lora.dropout", "train.batch_size", "train.warmup_steps"):
+        assert isinstance(form.widgets[key], (w.FloatText, w.IntText)), key
+    assert form.widgets["train.learning_rate"].value == 3e-4  # exactly, not to a slider's step
+    form.widgets["train.learning_rate"].value = 10  # typed: kept as typed and refused, not clamped to 1e-2
+    assert form.widgets["train.learning_rate"].value == 10
+    assert any(p.key == "train.learning_rate" for p in form.problems)
+    assert "color:#c00" in form._problem_labels["train.learning_rate"].value
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        form.config()
+    form.widgets["train.learning_rate"].value = 5e-4
+    form.widgets["train.batch_size"].value = 100  # past any slider's end, and valid
+    cfg = form.config()
+    assert (cfg.train.learning_rate, cfg.train.batch_size) == (5e-4, 100)
+
+
+def test_a_float_sent_back_with_its_last_bit_changed_is_not_an_edit():
+    form = ConfigForm("cpu-demo")
+    form.widgets["train.epochs"].set_state({"value": 3.0000000000000004})
+    form.widgets["train.learning_rate"].set_state({"value": 2e-3 * (1 + 1e-15)})
+    cfg = form.config()
+    assert cfg.train.epochs == 3 and cfg.train.learning_rate == 2e-3
+    assert cfg.sources["train.learning_rate"] == "preset:cpu-demo"
+    assert form.widgets["train.learning_rate"].value == 2e-3  # the exact value is shown again
+    form.widgets["train.learning_rate"].value = 2.5e-3  # a real change is an edit
+    assert form.config().sources["train.learning_rate"] == WIDGET
+
+
+def test_a_preset_switch_resets_every_field_not_edited():
+    form = ConfigForm("article")
+    _echo_all(form)
+    form.widgets["lora.dropout"].value = 0.1  # the one edit
+    form.preset_widget.value = "cpu-demo"
+    _echo_all(form)
+    assert form.config() == RunConfig.preset("cpu-demo", {"lora.dropout": 0.1})
+    assert form.config().sources["lora.dropout"] == WIDGET
+    form.widgets["lora.dropout"].value = 0.0  # typed back to the preset's value: still the user's choice
+    form.preset_widget.value = "article"
+    assert form.config() == RunConfig.preset("article", {"lora.dropout": 0.0})
 
 
 def test_the_config_is_a_copy_that_later_steps_may_change():

@@ -36,6 +36,7 @@ MAX_STEPS = -1                       # -1 runs whole epochs; 60 for a first look
 GGUF_QUANTIZATIONS = None            # llama.cpp types, e.g. "q4_k_m,q8_0"; None: the preset's (q2_k to q8_0)
 PROMPT = "Is 9.11 larger than 9.9?"  # any question
 MAX_NEW_TOKENS = 256                 # 16-2048
+DRIVE_FOLDER = ""                    # Colab only: a Google Drive folder for checkpoints, e.g. "sftlib/run1"; "" keeps them on the VM
 HUB_REPO = ""                        # "owner/name" to push to (token from HF_TOKEN or Colab secrets); "" for no push
 RESULTS_PATH = ""                    # a .json file for the figures of this run; "" for none
 
@@ -50,6 +51,7 @@ form = ConfigForm(PRESET, {
     "lora.alpha": LORA_ALPHA,
     "train.learning_rate": LEARNING_RATE,
     "train.max_steps": MAX_STEPS,
+    "train.output_dir": nb.drive_folder(DRIVE_FOLDER),  # mounts Drive in Colab when DRIVE_FOLDER is set
     "export.gguf_quantizations": GGUF_QUANTIZATIONS,
     "export.hub_repo": HUB_REPO,
     "export.push_to_hub": True if HUB_REPO else None,  # push only when a repository is named
@@ -114,6 +116,7 @@ for kind, path in result.outputs.items():
 
 # %%
 results = nb.save_results(RESULTS_PATH, {
+    "config": cfg.to_dict(),
     "backend": result.backend,
     "steps": result.train["steps"],
     "losses": result.train["losses"],

@@ -3,7 +3,8 @@
 #
 # Fine-tune with LoRA from the settings form, one step at a time, watching the loss as it falls.
 # Checkpoints are written every `SAVE_STEPS`; run the notebook again after a disconnect and training
-# continues from the newest complete one. The adapters are saved for 03 and 04.
+# continues from the newest complete one. In Colab, set `DRIVE_FOLDER` so that they are written to
+# Google Drive: the VM's disk is lost with the session. The adapters are saved for 03 and 04.
 #
 # Run it in Colab on a GPU runtime, in Jupyter, or headless with papermill. `PRESET = "cpu-demo"`
 # runs it offline on a CPU in minutes, with the tiny model and data bundled with sftlib:
@@ -32,7 +33,8 @@ LEARNING_RATE = None  # 1e-5 to 5e-4; None: the preset's (3e-4)
 EPOCHS = None         # 0.5-10; None: the preset's (1)
 MAX_STEPS = -1        # -1 runs whole epochs; 60 for a first look
 SAVE_STEPS = 200      # a checkpoint every N steps, 10-1000; 0 for none
-OUTPUT_DIR = None     # checkpoints; in Colab a Google Drive folder survives a disconnect; None: the preset's
+OUTPUT_DIR = None     # checkpoints; None: the preset's
+DRIVE_FOLDER = ""     # Colab only: a folder on Google Drive for the checkpoints, e.g. "sftlib/run1" (survives a disconnect); "" keeps them on the VM
 RESUME = None         # auto | never | a checkpoint folder; None: the preset's (auto: the newest complete checkpoint of a run with the same settings)
 EXPORT_DIR = None     # folder for the adapters and exports; None: the preset's
 RESULTS_PATH = ""     # a .json file for the figures of this run; "" for none
@@ -51,7 +53,7 @@ form = ConfigForm(PRESET, {
     "train.epochs": EPOCHS,
     "train.max_steps": MAX_STEPS,
     "train.save_steps": SAVE_STEPS,
-    "train.output_dir": OUTPUT_DIR,
+    "train.output_dir": nb.drive_folder(DRIVE_FOLDER, OUTPUT_DIR),  # mounts Drive in Colab when DRIVE_FOLDER is set
     "train.resume": RESUME,
     "export.output_dir": EXPORT_DIR,
 })

@@ -2,9 +2,10 @@
 # whose header says `include="NAME"` (and whose body is empty); scripts/make_notebooks.py puts it in.
 
 # %% name="install"
-# Colab: fetch sftlib and install the pinned GPU set from requirements.txt (pip skips what is
-# already installed). Elsewhere this cell changes nothing: use the environment Jupyter runs in
-# (`make install`, or `pip install -r requirements-cpu.txt` and `pip install -e .`).
+# Colab: fetch sftlib and install requirements.txt around Colab's own torch: the installed torch,
+# torchvision, torchaudio, triton and nvidia-* versions are written to a pip constraints file, so pip
+# keeps them (no 2.5 GB of CUDA wheels, no restart). Elsewhere this cell changes nothing: use the
+# environment Jupyter runs in (`make install`, or `pip install -r requirements-cpu.txt` and `pip install -e .`).
 import importlib.util
 import os
 import subprocess
@@ -13,8 +14,7 @@ import sys
 if "google.colab" in sys.modules and importlib.util.find_spec("sftlib") is None:
     if not os.path.isdir("sftlib"):
         subprocess.run(["git", "clone", "--depth", "1", "https://github.com/{REPO}", "sftlib"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "sftlib/requirements.txt"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "sftlib"], check=True)
+    subprocess.run([sys.executable, "sftlib/sftlib/notebook/colab.py", "install", "sftlib"], check=True)
     sys.path.insert(0, os.path.abspath("sftlib"))
 elif importlib.util.find_spec("sftlib") is None and os.path.isdir("../sftlib"):
     sys.path.insert(0, os.path.abspath(".."))  # opened from the notebooks/ folder of a checkout

@@ -5,11 +5,13 @@
     form = ConfigForm(PRESET, {"lora.r": LORA_R})
     plot = nb.live_loss_plot()
     nb.save_results(RESULTS_PATH, {...})
+    OUTPUT_DIR = nb.drive_folder(DRIVE_FOLDER, OUTPUT_DIR)   # Google Drive in Colab, else unchanged
 """
 
+from sftlib.notebook.colab import drive_folder
 from sftlib.notebook.helpers import adapters_folder, live_loss_plot, raw_rows, save_results
 
-__all__ = ["ConfigForm", "adapters_folder", "live_loss_plot", "raw_rows", "save_results"]
+__all__ = ["ConfigForm", "adapters_folder", "drive_folder", "live_loss_plot", "raw_rows", "save_results"]
 
 
 def __getattr__(name: str):

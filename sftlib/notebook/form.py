@@ -8,11 +8,18 @@
 The form holds no value of its own. Its state is a preset name plus overrides (the parameters cell's,
 then the widgets'); every value shown is read back from `RunConfig.preset(preset).with_overrides(...)`.
 So headless (papermill, no frontend) `form.config()` is exactly the preset with the injected
-parameters, sliders never clamp a value (a slider's range is widened to hold it), and a field the
-config does not have cannot be added. A parameter left at `None` keeps the preset's value.
+parameters, and a field the config does not have cannot be added. A parameter left at `None` keeps
+the preset's value.
+
+Numbers are typed into number boxes, never sliders: a browser's slider rounds a value to its step and
+sends the rounded value back (3e-4 came back as 3.1623e-4), and clamps what is typed to its range. A
+number box holds exactly what the preset or the parameters cell said, and a value out of range stays
+as typed and is listed as a problem. What the browser sends back of a value the form wrote is not an
+edit: only a change to a different value is (a float within 1e-9 of the shown one is the same value).
 
 Precedence, lowest first: the preset; the parameters cell; edits in the widgets. Changing the preset
-refills every field that neither the parameters cell nor a widget edit has set.
+refills every field that neither the parameters cell nor a widget edit has set. The YAML tab shows
+the config `form.config()` returns, which is what trains.
 
 Only notebooks import this module (it needs ipywidgets); the training path never does.
 """
@@ -33,16 +40,13 @@ from sftlib.config import FIELDS, PRESETS, ConfigError, Problem, RunConfig, get_
 PARAMETERS = "parameters cell"  # the source name `describe()` shows for values from the parameters cell
 WIDGET = "widget"
 SECTIONS = ("model", "lora", "data", "train", "export", "backend")
-# Fields that read better as sliders. The ranges are where values usually lie, not limits: a value
-# outside is shown by widening the slider, and validation alone decides what is allowed.
+# Fields picked from usual values: a selection slider sends back the option itself, so it round-trips
+# exactly; a value outside the list is added to it, and validation alone decides what is allowed.
 _STEPS = {
     "lora.r": (4, 8, 16, 32, 64, 128),
     "lora.alpha": (4, 8, 16, 32, 64, 128),
     "model.max_seq_length": (256, 512, 1024, 2048, 4096, 8192),
 }
-_INT_RANGES = {"train.batch_size": (1, 64), "train.grad_accum": (1, 64), "train.warmup_steps": (0, 200)}
-_FLOAT_RANGES = {"lora.dropout": (0.0, 0.5, 0.05), "train.epochs": (0.5, 10.0, 0.5)}
-_LOG_RANGES = {"train.learning_rate": (-6, -2)}  # powers of ten
 
 
 def _style(widget: w.Widget) -> w.Widget:
@@ -66,17 +70,6 @@ def _make_widget(key: str, value: Any, f: dataclasses.Field) -> w.Widget:
     if key in _STEPS and isinstance(value, int):
         options = sorted(set(_STEPS[key]) | {value})
         return _style(w.SelectionSlider(options=options, value=value, **kw))
-    if key in _INT_RANGES and isinstance(value, int):
-        lo, hi = _INT_RANGES[key]
-        return _style(w.IntSlider(value=value, min=min(lo, value), max=max(hi, value), **kw))
-    if key in _FLOAT_RANGES and isinstance(value, (int, float)):
-        lo, hi, step = _FLOAT_RANGES[key]
-        return _style(w.FloatSlider(value=value, min=min(lo, value), max=max(hi, value), step=step, **kw))
-    if key in _LOG_RANGES and isinstance(value, (int, float)) and value > 0:
-        lo, hi = _LOG_RANGES[key]
-        exp = math.log10(value)
-        return _style(w.FloatLogSlider(value=value, base=10, min=min(lo, math.floor(exp)), max=max(hi, math.ceil(exp)),
-                                       step=0.1, readout_format=".1e", **kw))
     if f.type is int and isinstance(value, int):
         return _style(w.IntText(value=value, **kw))
     if f.type is float and isinstance(value, (int, float)):
@@ -127,6 +120,7 @@ class ConfigForm:
         self._overrides: dict[str, tuple[Any, str]] = {
             k: (v, source) for k, v in (values or {}).items() if v is not None}
         self._syncing = False  # True while the form writes into its own widgets: not a user edit
+        self._shown: dict[str, Any] = {}  # key -> the value the form last wrote into its widget
         self.problems: list[Problem] = []
         self._cfg = RunConfig()
         self._resolve()
@@ -228,6 +222,15 @@ class ConfigForm:
     def _on_edit(self, key: str) -> None:
         if self._syncing:
             return
+        if key in self._shown and _same(self.widgets[key].value, self._shown[key]):
+            # The browser sending back what the form wrote (a float's last bit may differ): not an edit.
+            self._syncing = True
+            try:
+                self.widgets[key].value = self._shown[key]
+            finally:
+                self._syncing = False
+            return
+        self._shown[key] = self.widgets[key].value  # what the browser may now send back
         self._overrides.pop(key, None)
         self._overrides[key] = (_from_widget(key, self.widgets[key]), WIDGET)
         self._resolve()
@@ -277,24 +280,25 @@ class ConfigForm:
                     widget.options = sorted([*widget.options, value]) if isinstance(widget, w.SelectionSlider) \
                         else [*widget.options, value]
                 widget.value = value
-            elif isinstance(widget, (w.IntSlider, w.FloatSlider)):
-                widget.min, widget.max = min(widget.min, value), max(widget.max, value)
-                widget.value = value
-            elif isinstance(widget, w.FloatLogSlider):
-                exp = math.log10(value) if value > 0 else widget.min
-                widget.min, widget.max = min(widget.min, math.floor(exp)), max(widget.max, math.ceil(exp))
-                widget.value = value
             elif isinstance(widget, w.Text):
                 widget.value = _as_text(value)
             else:
                 widget.value = value
+            self._shown[key] = widget.value
         except Exception:  # noqa: BLE001 - a value this widget cannot show is already listed as a problem
-            pass
+            self._shown.pop(key, None)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict:
         bundle = self.widget._repr_mimebundle_(**kwargs) or {}
         bundle["text/plain"] = self.describe()  # what papermill and plain consoles show
         return bundle
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a value sent back by the browser is the one the form wrote (floats to 1e-9, relative)."""
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
 
 
 def _wrong_type(problems: list[Problem], key: str) -> bool:
