@@ -58,7 +58,7 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 
 def _sentence(rng: random.Random, n_words: int) -> str:
     words = [rng.choice(WORDS) for _ in range(n_words)]
-    text, out = words[0].capitalize(), []
+    text = words[0].capitalize()
     for i, w in enumerate(words[1:], 1):
         if i % rng.randint(8, 16) == 0:
             text += rng.choice([".", ",", ";", "?"])

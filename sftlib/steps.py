@@ -121,8 +121,8 @@ def output_problems(cfg) -> None:
 
 
 def setup(cfg, *, load_weights: bool = True, log: Log = print) -> Setup:
-    """Everything that can fail without weights first (the config, the GGUF toolchain when GGUF is asked
-    for, the data: loaded, converted and every row checked), then the engine (adapting `cfg` to it, saying
+    """Everything that can fail without weights first (the config, the output folders, the data: loaded,
+    converted and every row checked), then the engine (adapting `cfg` to it, saying
     what changed), the model, and its tokenizer fitted to the chat template. `load_weights=False` fits the
     tokenizer alone (to look at data)."""
     from sftlib.data import load_dataset
@@ -133,10 +133,6 @@ def setup(cfg, *, load_weights: bool = True, log: Log = print) -> Setup:
     cfg.validate()
     if load_weights:
         output_problems(cfg)  # a folder the run could not write, found now and not after training
-    if load_weights and any(f.split(":")[0] == "gguf" for f in cfg.export.formats):  # a missing toolchain stops now
-        from sftlib.exports.gguf.setup import require_toolchain
-
-        require_toolchain()
     rows = load_dataset(cfg.data)
     log(f"data: {len(rows[0])} training rows, {len(rows[1]) if rows[1] is not None else 0} held out")
     chosen = backends.choose_backend(cfg.backend)
@@ -318,6 +314,10 @@ def run(cfg, *, log: Log = print, answer_samples: int = 0, show_answers: int = 0
     main = is_main_process()
     if not main:  # under `accelerate launch`, one process speaks, evaluates and saves
         log, answer_samples = _silent, 0
+    if main and any(f.split(":")[0] == "gguf" for f in cfg.export.formats):  # a missing toolchain stops now,
+        from sftlib.exports.gguf.setup import require_toolchain     # not after training
+
+        require_toolchain()
     s = setup(cfg, log=log)
     data = prepare_data(cfg, s, log=log)
     before = evaluate(s.model, s, data, samples=answer_samples, log=log, label="before") if main else Evaluation()

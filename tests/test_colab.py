@@ -20,6 +20,7 @@ from sftlib.notebook.colab import constraints, drive_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "sftlib" / "notebook" / "colab.py"
+TORCHVISION = {"2.13.0": "0.28.0", "2.14.0": "0.29.0", "2.14.1": "0.29.1"}  # torch -> its torchvision release
 
 
 def test_constraints_pin_the_installed_torch_family_and_nothing_else():
@@ -58,13 +59,17 @@ def test_the_install_cell_uses_the_constraints():
 
 @pytest.mark.slow
 def test_pip_keeps_a_preinstalled_torch(tmp_path):
-    """A fresh venv with only torch in it (as Colab has its own), then pip's plan for requirements.txt under
-    the constraints: no torch, torchvision, torchaudio, triton or nvidia-* wheel is to be installed."""
+    """A fresh venv with the torch family preinstalled (torch, torchvision and triton, as Colab has its own),
+    then pip's plan for requirements.txt under the constraints: no torch, torchvision, torchaudio, triton or
+    nvidia-* wheel is to be installed. (Without the constraints pip plans torch 2.14 and 15 nvidia-* wheels.)"""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = str(env_dir / "bin" / "python")
     torch_version = importlib.metadata.version("torch").split("+")[0]
     subprocess.run([python, "-m", "pip", "install", "-q", f"torch=={torch_version}"], check=True, timeout=900)
+    # the torchvision built for this torch (--no-deps: it must not pull another torch), and a triton
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", f"torchvision=={TORCHVISION[torch_version]}",
+                    "triton"], check=True, timeout=900)
     constraints_file = tmp_path / "constraints.txt"
     subprocess.run([python, str(SCRIPT), "constraints", str(constraints_file)], check=True, timeout=60)
     assert "torch==" in constraints_file.read_text()

@@ -33,6 +33,7 @@ LORA_R = 16                          # 8-128
 LORA_ALPHA = 16                      # 8-128; equal to LORA_R, as rsLoRA scales by alpha/sqrt(r)
 LEARNING_RATE = None                 # 1e-5 to 5e-4; None: the preset's (3e-4)
 MAX_STEPS = -1                       # -1 runs whole epochs; 60 for a first look
+EXPORT_FORMATS = None                # comma-separated: lora, merged_16bit, merged_4bit, gguf; None: the preset's
 GGUF_QUANTIZATIONS = None            # llama.cpp types, e.g. "q4_k_m,q8_0"; None: the preset's (q2_k to q8_0)
 PROMPT = "Is 9.11 larger than 9.9?"  # any question
 MAX_NEW_TOKENS = 256                 # 16-2048
@@ -52,6 +53,7 @@ form = ConfigForm(PRESET, {
     "train.learning_rate": LEARNING_RATE,
     "train.max_steps": MAX_STEPS,
     "train.output_dir": nb.drive_folder(DRIVE_FOLDER),  # mounts Drive in Colab when DRIVE_FOLDER is set
+    "export.formats": EXPORT_FORMATS,
     "export.gguf_quantizations": GGUF_QUANTIZATIONS,
     "export.hub_repo": HUB_REPO,
     "export.push_to_hub": True if HUB_REPO else None,  # push only when a repository is named
@@ -119,6 +121,7 @@ results = nb.save_results(RESULTS_PATH, {
     "config": cfg.to_dict(),
     "backend": result.backend,
     "steps": result.train["steps"],
+    "peak_memory_gib": result.train["peak_memory_gib"],
     "losses": result.train["losses"],
     "logged_this_run": plot.losses,
     "heldout_before": result.before,

@@ -126,6 +126,7 @@ report
 
 # %%
 results = nb.save_results(RESULTS_PATH, {
+    "backend": s.backend.name,
     "rows": len(raw),
     "train_rows": len(ds),
     "format": detect_format(raw, cfg.data.mapping),

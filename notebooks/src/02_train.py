@@ -153,9 +153,11 @@ adapters = exported.outputs["lora"]
 
 # %%
 results = nb.save_results(RESULTS_PATH, {
+    "backend": s.backend.name,
     "config": cfg.to_dict(),
     "trainable_parameters": sftlib.trainable_parameters(model),
     "steps": outcome.steps,
+    "peak_memory_gib": outcome.peak_memory_gib,
     "losses": outcome.losses,
     "logged_this_run": plot.losses,
     "first_loss": outcome.first_loss,

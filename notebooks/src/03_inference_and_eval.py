@@ -124,6 +124,7 @@ if eval_ds is not None:
 
 # %%
 results = nb.save_results(RESULTS_PATH, {
+    "backend": backend.name,
     "adapters": adapters,
     "reply": reply.text,
     "stopped": reply.stopped,

@@ -152,6 +152,7 @@ if cfg.export.push_to_hub:
 
 # %%
 results = nb.save_results(RESULTS_PATH, {
+    "backend": backend.name,
     "written": written,
     "merged_reply": merged_reply.text if merged_reply else None,
     "merged_stopped": merged_reply.stopped if merged_reply else None,

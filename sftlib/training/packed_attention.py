@@ -118,6 +118,10 @@ def enable() -> str | None:
 
     if not torch.cuda.is_available() or not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return None
+    if torch.cuda.get_device_capability() < (8, 0):  # a T4 (7.5): torch's flash kernel needs Ampere or newer
+        _NOTE = ("packed attention: Unsloth's per-document SDPA kept (the flash kernel needs compute capability "
+                 f"8.0, this GPU has {'.'.join(map(str, torch.cuda.get_device_capability()))})")
+        return _NOTE
     fn = _function()
     try:
         problem = _check(fn)
