@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     report = {"preset": args.preset, "cap_gib": args.cap_gib, "simulate_t4": args.simulate_t4,
               "model": args.model, "max_steps": args.max_steps, "rows": rows}
     (out / f"notebooks_gpu_{args.preset}.json").write_text(json.dumps(report, indent=2, default=str))
-    lines = [f"| notebook | preset | backend | peak GiB (process) | peak GiB (training) | steps | seconds | passed |",
+    lines = ["| notebook | preset | backend | peak GiB (process) | peak GiB (training) | steps | seconds | passed |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['notebook']} | {r['preset']} | {r['backend']} | {r['peak_gib']} | {r['train_peak_gib'] or ''} "
