@@ -7,9 +7,10 @@ Each notebook runs in its own Jupyter kernel, in order (02_train saves the adapt
 the bundled demo data (the Hub is out of reach on the benchmark host), with `--max-steps` training
 steps. The kernels get a `sitecustomize` (written here into OUT's work folder) that caps the process
 with `torch.cuda.set_per_process_memory_fraction` and records the peak of allocated memory at exit;
-with `--simulate-t4` it also makes torch report compute capability 7.5 and no bfloat16, as a T4 does,
-so that everything sftlib and Unsloth decide from those answers (dtype, the packed-attention kernel)
-goes the T4's way. The GPU's real kernels still run: speed is not a T4's.
+with `--simulate-t4` it also makes torch report no bfloat16 and, to every caller outside Triton and
+torch themselves (which must compile for the real chip), compute capability 7.5, as a T4 does, so that
+what sftlib and Unsloth decide from those answers (dtype, the packed-attention kernel) goes the T4's
+way. The GPU's real kernels still run: speed is not a T4's.
 
 Writes OUT/notebooks_gpu_PRESET.json and .md (notebook, preset, backend, peak GiB, steps, seconds,
 passed), and each executed notebook's recorded results (RESULTS_PATH files), not the notebooks.
@@ -34,7 +35,14 @@ import atexit, os
 if os.environ.get("SFTLIB_BENCH_KERNEL") == "1":
     import torch
     if os.environ.get("SFTLIB_SIMULATE_T4") == "1":
-        torch.cuda.get_device_capability = lambda device=None: (7, 5)
+        import sys
+        real = torch.cuda.get_device_capability
+
+        def capability(device=None):  # Triton and torch compile for the real chip; the rest decides as on a T4
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            return real(device) if caller.startswith(("triton", "torch")) else (7, 5)
+
+        torch.cuda.get_device_capability = capability
         torch.cuda.is_bf16_supported = lambda *args, **kwargs: False
     cap = os.environ.get("SFTLIB_BENCH_CAP_GIB")
     if cap:

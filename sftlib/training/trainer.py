@@ -71,6 +71,7 @@ def sft_config(cfg, backend, model=None):
     if backend.cuda:
         bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and torch.cuda.is_bf16_supported())
         fp16 = not bf16 and cfg.model.dtype != "float32"
+    loss = _loss_type(model)  # only when it must differ: TRL's (and Unsloth's) default otherwise, never None
     return SFTConfig(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.batch_size,
@@ -101,7 +102,7 @@ def sft_config(cfg, backend, model=None):
         dataloader_num_workers=0,
         remove_unused_columns=True,
         disable_tqdm=False,
-        loss_type=_loss_type(model),
+        **({"loss_type": loss} if loss else {}),
     )
 
 
