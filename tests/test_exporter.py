@@ -170,6 +170,13 @@ def test_merged_16bit_from_a_base_stored_in_4bit_is_a_plain_16bit_model(trained,
     assert not config.get("quantization_config")
     merged = AutoModelForCausalLM.from_pretrained(folder)
     assert type(merged.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    # The export's check reloads the adapters on the base as it trained, passing the training model's
+    # quantization settings (a dict under Unsloth): a base stored in 4-bit loads as saved, without a clash.
+    from sftlib.exports.merged import load_adapters
+
+    reloaded, _ = load_adapters(str(tmp_path / "base-bnb-4bit"), tmp_path / "lora",
+                                quantization_config=quantized.config.quantization_config.to_dict())
+    assert isinstance(reloaded.get_base_model().model.layers[0].mlp.down_proj.base_layer, bnb.nn.Linear4bit)
 
     # The reference: the float32 base with every 4-bit weight replaced by the values it stands for, and the
     # adapters unmerged on top. No bitsandbytes kernel runs in it.

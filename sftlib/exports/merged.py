@@ -67,6 +67,19 @@ def dequantized(model):
     return model
 
 
+def _quantization_for(base: str, wanted):
+    """What to pass as `quantization_config` for `base`: nothing when its checkpoint is stored quantized (it loads
+    as saved, and transformers refuses a second config beside it), else `wanted` as a BitsAndBytesConfig
+    (a model's config can hold it as a plain dict, as under Unsloth)."""
+    if wanted is None:
+        return None
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    if getattr(AutoConfig.from_pretrained(base), "quantization_config", None):
+        return None
+    return BitsAndBytesConfig.from_dict(dict(wanted)) if isinstance(wanted, dict) else wanted
+
+
 def load_adapters(base_name: str, adapter_folder: str | Path, *, dtype: str = "float32", device: str = "cpu",
                   dequantize: bool = False, quantization_config=None):
     """Base model + saved adapters, ready for inference; returns (peft_model, tokenizer).
@@ -80,6 +93,7 @@ def load_adapters(base_name: str, adapter_folder: str | Path, *, dtype: str = "f
     from sftlib.training.model import resolve_model_name
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_folder)
+    quantization_config = _quantization_for(resolve_model_name(base_name), quantization_config)
     extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     base = AutoModelForCausalLM.from_pretrained(resolve_model_name(base_name), dtype=_dtype(dtype),
                                                 device_map={"": device}, use_safetensors=True, **extra)
