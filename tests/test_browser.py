@@ -100,7 +100,7 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
@@ -109,12 +109,21 @@ def page():
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield browser
         browser.close()
 
 
+@pytest.fixture()
+def page(browser):
+    """A fresh browser context for each notebook: no tab, focus or kernel status left from the one before."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    yield context.new_page()
+    context.close()
+
+
 def _open(page, lab, name: str):
-    page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?token={lab['token']}")
+    # a workspace of its own, reset: JupyterLab would otherwise reopen the notebooks of the test before
+    page.goto(f"{lab['url']}/lab/workspaces/{name}/tree/{name}.ipynb?reset&token={lab['token']}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
     page.locator(".jp-StatusBar-Widget", has_text="| Idle").first.wait_for(timeout=90_000)  # the kernel is up
     return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
