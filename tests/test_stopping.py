@@ -69,6 +69,22 @@ def test_stories260k_learns_to_stop(stories_dir, story_data, tmp_path, template)
     assert after.loss["loss"] < 0.5 * before.loss["loss"]
     assert len(after.answers) == 12 and all(a.stopped for a in after.answers), after.answers
 
+    # Its GGUF files, f16 and q8_0, checked in llama.cpp on the held-out prompts: the same greedy tokens as the
+    # model in memory, and the same stop.
+    from sftlib.exports import export
+
+    prompts = [m[:-1] for m in data.eval["messages"]]
+    report = export(model, s.tokenizer, cfg, ["gguf:f16", "gguf:q8_0"], template=s.template,
+                    conversations=prompts, log=quiet)
+    for item in report.items:
+        c = item.check
+        print(f"{template} {item.format}: greedy {c['greedy_identical']}/{len(prompts)} as transformers, stopped "
+              f"{c['stopped']}/{c['stop_expected']} where transformers stopped")
+        assert item.ok, (item.format, item.summary, c.get("problems"))
+        assert c["stop_expected"] == len(prompts) and c["stopped"] == len(prompts), c
+        if item.format == "gguf:f16":
+            assert c["greedy_identical"] == len(prompts), c  # 16-bit: token for token
+
 
 def test_preflight_warns_when_the_unlikely_stop_row_stays_frozen(stories_dir, story_data, tmp_path):
     from sftlib.steps import prepare_data, setup

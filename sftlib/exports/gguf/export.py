@@ -90,31 +90,17 @@ def export_gguf(
     checks, it is kept as NAME.gguf.failed and, after everything else is written, GGUFVerifyError is
     raised (unless `raise_on_failure=False`: then the report says so and the caller decides).
     """
-    from sftlib.exports.gguf.setup import find_toolchain
-    from sftlib.exports.modelfile import write_modelfile
     from sftlib.data.templates import get_template
+    from sftlib.exports.gguf.setup import find_toolchain
 
     start = time.time()
     template = get_template(template)
-    types = check_types(quantizations)
-    if base_type not in ("f16", "bf16", "f32"):
-        raise GGUFExportError(f"`base_type` must be f16, bf16 or f32, got `{base_type}`")
-    floats = [t for t in types if t in FLOAT_TYPES]
-    if "bf16" in floats:  # merged checkpoints are bfloat16: convert to bf16 losslessly, round to f16 from it
-        base_type = "bf16"
-    elif floats and base_type not in floats:
-        base_type = floats[0]  # convert straight to the float type asked for
+    types, base_type = _types(quantizations, base_type)
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     if not (merged_dir / "config.json").is_file():
         raise GGUFExportError(f"`merged_dir` {merged_dir} has no config.json; save the merged model there first")
     toolchain = find_toolchain()
-    if verify or any(t != base_type for t in types):
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError as exc:
-            if verify or not toolchain.quantize_binary:
-                raise GGUFExportError(f"`llama_cpp` cannot be imported ({exc}); run `python -m sftlib gguf-setup`"
-                                      + (" or pass verify=False" if verify else "")) from exc
+    _require_llama_cpp(toolchain, verify, need_quantizer=any(t != base_type for t in types))
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -122,11 +108,7 @@ def export_gguf(
     settings = gguf_settings(tokenizer, template, add_bos)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_free_space(out_dir, estimate_bytes(merged_dir, types, base_type), f"GGUF files ({', '.join(types)})")
-    config = json.loads((merged_dir / "config.json").read_text())
-    widths = {config.get(k) for k in ("hidden_size", "intermediate_size") if config.get(k)}
-    if any("_k" in t for t in types) and any(w % 256 for w in widths):
-        warnings.warn(f"K-quants work on rows of 256 values and this model has widths {sorted(widths)}: llama.cpp "
-                      "writes q5_0/q8_0 instead for those tensors (files are larger and named after the K type)")
+    _warn_k_quant_widths(merged_dir, types)
 
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name).strip("-.") or "model"
     final = {t: out_dir / f"{stem}.{t.upper()}.gguf" for t in types}
@@ -138,36 +120,12 @@ def export_gguf(
     log(f"gguf: BOS {'added' if settings.add_bos else 'not added'}, end of turn {eot!r} (id {settings.eot_token_id}), "
         f"stop tokens {settings.stop_strings}")
     try:
-        t0 = time.time()
-        log(f"gguf: converting {merged_dir} to {base_type} with llama.cpp's converter ({toolchain.version})")
-        convert(merged_dir, partial[base_type], base_type, settings=settings, model_name=model_name,
-                pre_tokenizer=pre_tokenizer, toolchain=toolchain)
-        written = {base_type: Output(f"gguf:{base_type}", str(final.get(base_type, base_path)),
-                                     partial[base_type].stat().st_size, time.time() - t0)}
-        log(f"gguf: {base_type} written, {human_size(written[base_type].bytes)} in {written[base_type].seconds:.1f}s")
-        for t in types:
-            if t == base_type:
-                continue
-            t0 = time.time()
-            quantize(partial[base_type], partial[t], t, threads=threads, toolchain=toolchain)
-            written[t] = Output(f"gguf:{t}", str(final[t]), partial[t].stat().st_size, time.time() - t0)
-            log(f"gguf: {t} written, {human_size(written[t].bytes)} in {written[t].seconds:.1f}s")
+        written = _write_files(merged_dir, types, base_type, partial, final, base_path, settings, model_name,
+                               pre_tokenizer, toolchain, threads, log)
         report.items = [written[t] for t in types]
         if verify:
-            from sftlib.exports.gguf.verify import check_gguf
-            from sftlib.exports.reference import hf_reference
-
-            log("gguf: verifying: HF reference (full-forward greedy) on the check prompts")
-            ref = hf_reference(merged_dir, tokenizer, template, conversations, max_new_tokens=max_new_tokens,
-                               text_prefix=settings.bos_token if settings.add_bos else "")
-            for f in report.items:
-                qtype = f.format.partition(":")[2]
-                log(f"gguf: verifying {qtype} in llama.cpp")
-                check = check_gguf(partial[qtype], ref, tokenizer, template, settings, qtype=qtype, threads=threads)
-                f.ok, f.check = check.ok, asdict(check)
-                f.summary = check_summary(f.check)
-                for problem in check.problems:
-                    log(f"gguf:   {qtype}: {problem}")
+            _verify_files(report, partial, merged_dir, tokenizer, template, settings, conversations, max_new_tokens,
+                          threads, log)
         for f in report.items:  # only now do files get names that look finished
             target = Path(f.path) if f.ok is not False else Path(f.path + ".failed")
             os.replace(partial[f.format.partition(":")[2]], target)
@@ -177,16 +135,8 @@ def export_gguf(
     finally:
         for p in partial.values():
             p.unlink(missing_ok=True)
-
-    good = [f for f in report.items if f.ok is not False]
-    if modelfile and good:
-        preferred = next((f for t in ("q4_k_m", "q8_0", "f16") for f in good if f.format == f"gguf:{t}"), good[0])
-        path = write_modelfile(out_dir / "Modelfile", Path(preferred.path).name, template,
-                               eos_token=settings.eos_token or "", system=system)
-        report.extra["modelfile"] = str(path)
-        log(f"gguf: Ollama Modelfile {path} (FROM {Path(preferred.path).name})")
-    elif modelfile:
-        (out_dir / "Modelfile").unlink(missing_ok=True)  # it would name a file that failed
+    if modelfile:
+        _modelfile(report, out_dir, template, settings, system, log)
     report.seconds = time.time() - start
     report.write(out_dir / REPORT_NAME)
     log(report.table())
@@ -195,4 +145,91 @@ def export_gguf(
         raise GGUFVerifyError("GGUF verification failed (files kept aside as *.gguf.failed, details in "
                               f"{report.report_path}):\n" + "\n".join(f"  - {x}" for x in failed), report=report)
     return report
+
+
+def _types(quantizations, base_type: str) -> tuple[list[str], str]:
+    """The checked types to write, and the 16-bit (or 32-bit) type to convert to first."""
+    types = check_types(quantizations)
+    if base_type not in ("f16", "bf16", "f32"):
+        raise GGUFExportError(f"`base_type` must be f16, bf16 or f32, got `{base_type}`")
+    floats = [t for t in types if t in FLOAT_TYPES]
+    if "bf16" in floats:  # merged checkpoints are bfloat16: convert to bf16 losslessly, round to f16 from it
+        base_type = "bf16"
+    elif floats and base_type not in floats:
+        base_type = floats[0]  # convert straight to the float type asked for
+    return types, base_type
+
+
+def _require_llama_cpp(toolchain, verify: bool, *, need_quantizer: bool) -> None:
+    """llama.cpp's library checks the files and quantizes them (the `llama-quantize` binary can do the latter)."""
+    if not (verify or need_quantizer):
+        return
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        if verify or not toolchain.quantize_binary:
+            raise GGUFExportError(f"`llama_cpp` cannot be imported ({exc}); run `python -m sftlib gguf-setup`"
+                                  + (" or pass verify=False" if verify else "")) from exc
+
+
+def _warn_k_quant_widths(merged_dir: Path, types: list[str]) -> None:
+    config = json.loads((merged_dir / "config.json").read_text())
+    widths = {config.get(k) for k in ("hidden_size", "intermediate_size") if config.get(k)}
+    if any("_k" in t for t in types) and any(w % 256 for w in widths):
+        warnings.warn(f"K-quants work on rows of 256 values and this model has widths {sorted(widths)}: llama.cpp "
+                      "writes q5_0/q8_0 instead for those tensors (files are larger and named after the K type)")
+
+
+def _write_files(merged_dir, types, base_type, partial, final, base_path, settings, model_name, pre_tokenizer,
+                 toolchain, threads, log) -> dict[str, Output]:
+    """One conversion to `base_type`, then one quantization per other type, each to its partial name."""
+    t0 = time.time()
+    log(f"gguf: converting {merged_dir} to {base_type} with llama.cpp's converter ({toolchain.version})")
+    convert(merged_dir, partial[base_type], base_type, settings=settings, model_name=model_name,
+            pre_tokenizer=pre_tokenizer, toolchain=toolchain)
+    written = {base_type: Output(f"gguf:{base_type}", str(final.get(base_type, base_path)),
+                                 partial[base_type].stat().st_size, time.time() - t0)}
+    log(f"gguf: {base_type} written, {human_size(written[base_type].bytes)} in {written[base_type].seconds:.1f}s")
+    for t in types:
+        if t == base_type:
+            continue
+        t0 = time.time()
+        quantize(partial[base_type], partial[t], t, threads=threads, toolchain=toolchain)
+        written[t] = Output(f"gguf:{t}", str(final[t]), partial[t].stat().st_size, time.time() - t0)
+        log(f"gguf: {t} written, {human_size(written[t].bytes)} in {written[t].seconds:.1f}s")
+    return written
+
+
+def _verify_files(report, partial, merged_dir, tokenizer, template, settings, conversations, max_new_tokens,
+                  threads, log) -> None:
+    """Each written file against transformers' replies on the check prompts; results go into the report's items."""
+    from sftlib.exports.gguf.verify import check_gguf
+    from sftlib.exports.reference import hf_reference
+
+    log("gguf: verifying: HF reference (full-forward greedy) on the check prompts")
+    ref = hf_reference(merged_dir, tokenizer, template, conversations, max_new_tokens=max_new_tokens,
+                       text_prefix=settings.bos_token if settings.add_bos else "")
+    for f in report.items:
+        qtype = f.format.partition(":")[2]
+        log(f"gguf: verifying {qtype} in llama.cpp")
+        check = check_gguf(partial[qtype], ref, tokenizer, template, settings, qtype=qtype, threads=threads)
+        f.ok, f.check = check.ok, asdict(check)
+        f.summary = check_summary(f.check)
+        for problem in check.problems:
+            log(f"gguf:   {qtype}: {problem}")
+
+
+def _modelfile(report, out_dir: Path, template, settings, system, log) -> None:
+    """Ollama's Modelfile for the best file that passed (q4_k_m, q8_0, f16, else the first); none if all failed."""
+    from sftlib.exports.modelfile import write_modelfile
+
+    good = [f for f in report.items if f.ok is not False]
+    if not good:
+        (out_dir / "Modelfile").unlink(missing_ok=True)  # it would name a file that failed
+        return
+    preferred = next((f for t in ("q4_k_m", "q8_0", "f16") for f in good if f.format == f"gguf:{t}"), good[0])
+    path = write_modelfile(out_dir / "Modelfile", Path(preferred.path).name, template,
+                           eos_token=settings.eos_token or "", system=system)
+    report.extra["modelfile"] = str(path)
+    log(f"gguf: Ollama Modelfile {path} (FROM {Path(preferred.path).name})")
 

@@ -60,9 +60,7 @@ class GGUFCheck:
 def check_gguf(path, ref: Reference, tokenizer, template, settings, *, qtype: str, threads: int | None = None,
                tie_margin: float = 0.05) -> GGUFCheck:
     """Run the GGUF at `path` in llama.cpp and compare it with `ref`; see the module docstring for the checks."""
-    import numpy as np
     from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     start = time.time()
     check = GGUFCheck(file=str(path), qtype=qtype)
@@ -74,122 +72,144 @@ def check_gguf(path, ref: Reference, tokenizer, template, settings, *, qtype: st
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 2048), n_threads=threads, n_threads_batch=threads,
                 logits_all=True, verbose=False, seed=0)
     try:
-        # metadata: what export_gguf asked the converter to write
-        meta = llm.metadata
-        if meta.get("tokenizer.chat_template") != settings.chat_template:
-            check.problems.append("tokenizer.chat_template is not the training template")
-        if meta.get("tokenizer.ggml.add_bos_token", "").lower() != str(settings.add_bos).lower():
-            check.problems.append(f"tokenizer.ggml.add_bos_token is {meta.get('tokenizer.ggml.add_bos_token')!r}, "
-                                  f"training {'added' if settings.add_bos else 'did not add'} BOS")
-        if settings.eot_token_id is not None and meta.get("tokenizer.ggml.eot_token_id") != str(settings.eot_token_id):
-            check.problems.append(f"tokenizer.ggml.eot_token_id is {meta.get('tokenizer.ggml.eot_token_id')!r}, "
-                                  f"expected {settings.eot_token_id}")
-        prefix = meta.get("tokenizer.ggml.add_space_prefix")
-        if settings.add_space_prefix is not None and prefix != str(settings.add_space_prefix).lower():
-            check.problems.append(f"tokenizer.ggml.add_space_prefix is {prefix!r}, the HF tokenizer "
-                                  f"{'adds' if settings.add_space_prefix else 'does not add'} one")
-
-        # token ids
-        check.token_strings = len(ref.strings)
-        for text, ids in zip(ref.strings, ref.string_ids):
-            got = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-            if got != ids:
-                check.token_mismatches.append(describe_mismatch(text, ids, got, tokenizer))
-        if check.token_mismatches:
-            kind = meta.get("tokenizer.ggml.model")
-            why = ("SentencePiece pieces merged in another order: the GGUF's piece scores are not the tokenizer's"
-                   if kind == "llama" else f"the GGUF's pre-tokenizer is {meta.get('tokenizer.ggml.pre')!r}: "
-                   "pass the `pre_tokenizer` whose split rule is the tokenizer's" if kind == "gpt2" else
-                   f"tokenizer model {kind!r}")
-            check.problems.append(f"llama.cpp tokenizes {len(check.token_mismatches)}/{check.token_strings} strings "
-                                  f"differently from the HF tokenizer ({why}); first: {check.token_mismatches[0]}")
-
-        # the prompt chat completion builds, as llama-cpp-python builds it
-        if llm.chat_format != "chat_template.default":
-            check.notes.append(f"llama-cpp-python uses its built-in chat format {llm.chat_format!r}")
-        eos_text = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() != -1 else ""
-        bos_text = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() != -1 else ""
-        formatter = Jinja2ChatFormatter(template=meta.get("tokenizer.chat_template", ""), eos_token=eos_text,
-                                        bos_token=bos_text)
-        check.prompt_parity = True
-        for messages, ids in zip(ref.conversations, ref.prompt_ids):
-            out = formatter(messages=messages)
-            got = list(llm.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True))
-            if got != ids:
-                check.prompt_parity = False
-                check.problems.append("chat prompt ids differ from training: "
-                                      + describe_mismatch(out.prompt, ids, got, tokenizer))
-                break
-
-        # logits over prompt + reference reply, and where the greedy path leaves the reference
-        dmax, agree, kl, positions = 0.0, 0, 0.0, 0
-        for ids, reply, hf in zip(ref.prompt_ids, ref.reply_ids, ref.logits):
-            seq = ids + reply
-            llm.reset()
-            llm.eval(seq)
-            gg = np.array(llm.scores[: len(seq)], dtype=np.float32)
-            vocab = min(gg.shape[1], hf.shape[1])
-            gg, hf = gg[:, :vocab], hf[:, :vocab]
-            dmax = max(dmax, float(np.abs(gg - hf).max()))
-            agree += int((gg.argmax(-1) == hf.argmax(-1)).sum())
-            lp, lq = log_softmax(hf), log_softmax(gg)
-            kl += float((np.exp(lp) * (lp - lq)).sum())
-            positions += len(seq)
-            entry = {"reply_tokens": len(reply), "first_divergence": None}
-            for k, tok in enumerate(reply):
-                pos = len(ids) + k - 1
-                mine = int(gg[pos].argmax())
-                if mine != tok:
-                    margin = float(hf[pos, tok] - hf[pos, mine])
-                    entry.update(first_divergence=k, hf_token=tok, gguf_token=mine, hf_margin=margin)
-                    break
-            check.greedy.append(entry)
-        check.positions, check.max_abs_dlogit = positions, dmax
-        check.top1_agreement, check.mean_kl = agree / positions, kl / positions
-        check.greedy_identical = sum(g["first_divergence"] is None for g in check.greedy)
-        if qtype in ("f32", "f16", "bf16"):
-            if ref.dtype != "float32":  # a bfloat16 reference is itself off by more than f16 rounding
-                tie_margin = max(tie_margin, 0.5)
-                check.notes.append(f"reference model in {ref.dtype}: near-ties up to {tie_margin} logits tolerated")
-            for i, g in enumerate(check.greedy):
-                if g["first_divergence"] is None:
-                    continue
-                if g["hf_margin"] < tie_margin:
-                    check.notes.append(f"prompt {i}: greedy path left the reference at a near-tie "
-                                       f"(HF margin {g['hf_margin']:.3f}) after {g['first_divergence']} tokens")
-                else:
-                    check.problems.append(f"prompt {i}: greedy tokens differ from the HF model after "
-                                          f"{g['first_divergence']} tokens (HF margin {g['hf_margin']:.3f})")
-
-        # stopping, through the chat-completion path a user takes
-        for i, (messages, reply, stopped, text) in enumerate(
-                zip(ref.conversations, ref.reply_ids, ref.stopped, ref.reply_texts)):
-            llm.reset()
-            out = llm.create_chat_completion(messages=messages, max_tokens=2 * len(reply) + 16, temperature=0.0,
-                                             top_k=1, repeat_penalty=1.0, seed=0)
-            choice = out["choices"][0]
-            content = choice["message"]["content"] or ""
-            check.replies.append({"finish_reason": choice["finish_reason"], "text": content, "hf_text": text,
-                                  "hf_stopped": stopped})
-            if stopped:
-                check.stop_expected += 1
-                if choice["finish_reason"] == "stop":
-                    check.stopped += 1
-                else:
-                    check.problems.append(f"prompt {i}: the HF model ends its turn after {len(reply)} tokens, "
-                                          f"llama.cpp did not stop within {2 * len(reply) + 16}")
-        if ref.unchecked_stops():
-            check.notes.append(ref.unchecked_stops())
-        if not check.stop_expected:
-            msg = "the HF model ended no reply with a confident stop token, so stopping could not be checked; " \
-                  "pass `conversations` the fine-tuned model answers"
-            check.notes.append(msg)
-            warnings.warn(msg)
+        _check_metadata(llm, settings, check)
+        _check_tokens(llm, ref, tokenizer, check)
+        _check_prompts(llm, ref, tokenizer, check)
+        _check_logits(llm, ref, check, qtype=qtype, tie_margin=tie_margin)
+        _check_stops(llm, ref, check)
     finally:
         llm.close() if hasattr(llm, "close") else None
     check.ok = not check.problems
     check.seconds = time.time() - start
     return check
+
+
+def _check_metadata(llm, settings, check: GGUFCheck) -> None:
+    """What export_gguf asked the converter to write."""
+    meta = llm.metadata
+    if meta.get("tokenizer.chat_template") != settings.chat_template:
+        check.problems.append("tokenizer.chat_template is not the training template")
+    if meta.get("tokenizer.ggml.add_bos_token", "").lower() != str(settings.add_bos).lower():
+        check.problems.append(f"tokenizer.ggml.add_bos_token is {meta.get('tokenizer.ggml.add_bos_token')!r}, "
+                              f"training {'added' if settings.add_bos else 'did not add'} BOS")
+    if settings.eot_token_id is not None and meta.get("tokenizer.ggml.eot_token_id") != str(settings.eot_token_id):
+        check.problems.append(f"tokenizer.ggml.eot_token_id is {meta.get('tokenizer.ggml.eot_token_id')!r}, "
+                              f"expected {settings.eot_token_id}")
+    prefix = meta.get("tokenizer.ggml.add_space_prefix")
+    if settings.add_space_prefix is not None and prefix != str(settings.add_space_prefix).lower():
+        check.problems.append(f"tokenizer.ggml.add_space_prefix is {prefix!r}, the HF tokenizer "
+                              f"{'adds' if settings.add_space_prefix else 'does not add'} one")
+
+
+def _check_tokens(llm, ref: Reference, tokenizer, check: GGUFCheck) -> None:
+    """The reference strings' token ids, llama.cpp's against the HF tokenizer's."""
+    meta = llm.metadata
+    check.token_strings = len(ref.strings)
+    for text, ids in zip(ref.strings, ref.string_ids):
+        got = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        if got != ids:
+            check.token_mismatches.append(describe_mismatch(text, ids, got, tokenizer))
+    if check.token_mismatches:
+        kind = meta.get("tokenizer.ggml.model")
+        why = ("SentencePiece pieces merged in another order: the GGUF's piece scores are not the tokenizer's"
+               if kind == "llama" else f"the GGUF's pre-tokenizer is {meta.get('tokenizer.ggml.pre')!r}: "
+               "pass the `pre_tokenizer` whose split rule is the tokenizer's" if kind == "gpt2" else
+               f"tokenizer model {kind!r}")
+        check.problems.append(f"llama.cpp tokenizes {len(check.token_mismatches)}/{check.token_strings} strings "
+                              f"differently from the HF tokenizer ({why}); first: {check.token_mismatches[0]}")
+
+
+def _check_prompts(llm, ref: Reference, tokenizer, check: GGUFCheck) -> None:
+    """The chat prompt that llama-cpp-python's chat completion builds, against the ids training used."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    meta = llm.metadata
+    if llm.chat_format != "chat_template.default":
+        check.notes.append(f"llama-cpp-python uses its built-in chat format {llm.chat_format!r}")
+    eos_text = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() != -1 else ""
+    bos_text = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() != -1 else ""
+    formatter = Jinja2ChatFormatter(template=meta.get("tokenizer.chat_template", ""), eos_token=eos_text,
+                                    bos_token=bos_text)
+    check.prompt_parity = True
+    for messages, ids in zip(ref.conversations, ref.prompt_ids):
+        out = formatter(messages=messages)
+        got = list(llm.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True))
+        if got != ids:
+            check.prompt_parity = False
+            check.problems.append("chat prompt ids differ from training: "
+                                  + describe_mismatch(out.prompt, ids, got, tokenizer))
+            break
+
+
+def _check_logits(llm, ref: Reference, check: GGUFCheck, *, qtype: str, tie_margin: float) -> None:
+    """Logits over prompt + reference reply, and where llama.cpp's greedy path leaves the reference."""
+    import numpy as np
+
+    dmax, agree, kl, positions = 0.0, 0, 0.0, 0
+    for ids, reply, hf in zip(ref.prompt_ids, ref.reply_ids, ref.logits):
+        seq = ids + reply
+        llm.reset()
+        llm.eval(seq)
+        gg = np.array(llm.scores[: len(seq)], dtype=np.float32)
+        vocab = min(gg.shape[1], hf.shape[1])
+        gg, hf = gg[:, :vocab], hf[:, :vocab]
+        dmax = max(dmax, float(np.abs(gg - hf).max()))
+        agree += int((gg.argmax(-1) == hf.argmax(-1)).sum())
+        lp, lq = log_softmax(hf), log_softmax(gg)
+        kl += float((np.exp(lp) * (lp - lq)).sum())
+        positions += len(seq)
+        entry = {"reply_tokens": len(reply), "first_divergence": None}
+        for k, tok in enumerate(reply):
+            pos = len(ids) + k - 1
+            mine = int(gg[pos].argmax())
+            if mine != tok:
+                margin = float(hf[pos, tok] - hf[pos, mine])
+                entry.update(first_divergence=k, hf_token=tok, gguf_token=mine, hf_margin=margin)
+                break
+        check.greedy.append(entry)
+    check.positions, check.max_abs_dlogit = positions, dmax
+    check.top1_agreement, check.mean_kl = agree / positions, kl / positions
+    check.greedy_identical = sum(g["first_divergence"] is None for g in check.greedy)
+    if qtype in ("f32", "f16", "bf16"):
+        if ref.dtype != "float32":  # a bfloat16 reference is itself off by more than f16 rounding
+            tie_margin = max(tie_margin, 0.5)
+            check.notes.append(f"reference model in {ref.dtype}: near-ties up to {tie_margin} logits tolerated")
+        for i, g in enumerate(check.greedy):
+            if g["first_divergence"] is None:
+                continue
+            if g["hf_margin"] < tie_margin:
+                check.notes.append(f"prompt {i}: greedy path left the reference at a near-tie "
+                                   f"(HF margin {g['hf_margin']:.3f}) after {g['first_divergence']} tokens")
+            else:
+                check.problems.append(f"prompt {i}: greedy tokens differ from the HF model after "
+                                      f"{g['first_divergence']} tokens (HF margin {g['hf_margin']:.3f})")
+
+
+def _check_stops(llm, ref: Reference, check: GGUFCheck) -> None:
+    """Stopping, through the chat-completion path a user takes."""
+    for i, (messages, reply, stopped, text) in enumerate(
+            zip(ref.conversations, ref.reply_ids, ref.stopped, ref.reply_texts)):
+        llm.reset()
+        out = llm.create_chat_completion(messages=messages, max_tokens=2 * len(reply) + 16, temperature=0.0,
+                                         top_k=1, repeat_penalty=1.0, seed=0)
+        choice = out["choices"][0]
+        content = choice["message"]["content"] or ""
+        check.replies.append({"finish_reason": choice["finish_reason"], "text": content, "hf_text": text,
+                              "hf_stopped": stopped})
+        if stopped:
+            check.stop_expected += 1
+            if choice["finish_reason"] == "stop":
+                check.stopped += 1
+            else:
+                check.problems.append(f"prompt {i}: the HF model ends its turn after {len(reply)} tokens, "
+                                      f"llama.cpp did not stop within {2 * len(reply) + 16}")
+    if ref.unchecked_stops():
+        check.notes.append(ref.unchecked_stops())
+    if not check.stop_expected:
+        msg = "the HF model ended no reply with a confident stop token, so stopping could not be checked; " \
+              "pass `conversations` the fine-tuned model answers"
+        check.notes.append(msg)
+        warnings.warn(msg)
 
 
 def describe_mismatch(text: str, hf_ids: list[int], gguf_ids: list[int], tokenizer, context: int = 3) -> str:
