@@ -31,6 +31,7 @@ from sftlib.config.fields import (FIELDS, SECTION_HELP, SECTIONS, TopLevel, Data
 from sftlib.config.presets import PRESETS
 from sftlib.config.safe_load import MAX_BYTES, ParseError, load_json, load_yaml
 from sftlib.config.problems import (TOKEN_ADVICE, ConfigError, Problem, check, did_you_mean, show, unknown_key)
+from sftlib.paths import path_problem
 from sftlib.tokens import TOKEN_PATTERN
 
 
@@ -214,13 +215,9 @@ def _read_path_or_text(path_or_text: str | os.PathLike, suffixes: tuple[str, ...
     if isinstance(path_or_text, os.PathLike) or (
             "\n" not in path_or_text and (os.path.isfile(path_or_text) or path_or_text.endswith(suffixes))):
         path = Path(path_or_text)
-        if path.is_dir():
-            raise ConfigError(f"config `{path}` is a folder; give the YAML or JSON file inside it")
-        if path.exists() and not path.is_file():  # a FIFO or a device: reading it could wait forever
-            raise ConfigError(f"config `{path}` is not a regular file (a pipe or a device); give a YAML or JSON file")
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist" +
-                              (" (a symbolic link to nothing)" if path.is_symlink() else ""))
+        problem = path_problem(path, want="file")
+        if problem:  # never opened when it is a pipe or a device: reading it could wait forever
+            raise ConfigError(f"config {problem}")
         if path.stat().st_size > MAX_BYTES:
             raise ConfigError(f"config `{path}` is {path.stat().st_size:,} bytes; a config is a few hundred lines at "
                               "most: is this the right file?")

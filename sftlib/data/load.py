@@ -20,6 +20,7 @@ import datasets
 
 from sftlib.data.check import raise_problems
 from sftlib.data.detect import DataError, detect_format, layout_for
+from sftlib.paths import path_problem
 
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -58,6 +59,9 @@ def load_rows(source: Any, split: str = "train") -> datasets.Dataset:
         if not text:
             raise DataError("`data.source` is empty; give a file path, a folder or a Hub dataset name")
         path = Path(text).expanduser()
+        problem = path_problem(path) if os.path.lexists(path) else None
+        if problem:  # a link to nothing or to itself, a pipe, a device, a file that cannot be read
+            raise DataError(f"`data.source`: {problem}")
         if path.is_dir():
             return _load_folder(path, split)
         if path.is_file():
