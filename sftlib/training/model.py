@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from sftlib.errors import SftlibError
+from sftlib.paths import path_problem
 
 
 class ModelLoadError(SftlibError):
@@ -34,6 +35,7 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     name = resolve_model_name(cfg.model.name)
+    _check_folder(name, weights=False)
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
     except OSError as exc:
@@ -51,32 +53,82 @@ def _torch_dtype(name: str, backend):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def _check_folder(path: Path) -> None:
-    if not path.is_dir():
-        return
-    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")]
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"`model.name`: folder {path} has no config.json; point it at a saved model folder")
-    if not weights:
-        raise ModelLoadError(
-            f"`model.name`: folder {path} has no weight files (*.safetensors); save the model there first"
-        )
-    if not any(p.suffix == ".safetensors" for p in weights):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name can only be a path on this machine (a Hub id is `name` or `owner/name`)."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or os.path.lexists(name)
+
+
+def model_folder_problem(name: str, *, weights: bool = True, tokenizer: bool = True) -> str | None:
+    """Why the local model folder `name` cannot be loaded, naming it and the fix; None when it can (or when
+    `name` is a Hub id, which the Hub answers for). `weights`/`tokenizer`: whether those files must be there."""
+    if not looks_local(name):
+        return None
+    path = Path(name).expanduser()
+    problem = path_problem(path, want="folder")
+    if problem:
+        return problem
+    config = path / "config.json"
+    if not config.exists():
+        return f"folder {path} has no config.json; point it at a saved model folder"
+    if not config.is_file():
+        return f"folder {path}: its config.json is not a file; save the model there again (`save_pretrained`)"
+    problem = path_problem(config, want="file") or _model_type_problem(path)
+    if problem:
+        return problem
+    found = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") and p.is_file()]
+    if weights and not found:
+        return f"folder {path} has no weight files (*.safetensors); save the model there first"
+    if weights and not any(p.suffix == ".safetensors" for p in found):
         # .bin/.pt files are pickles, which can run code when loaded; sftlib loads safetensors only.
-        names = ", ".join(sorted(p.name for p in weights)[:3])
-        raise ModelLoadError(
-            f"`model.name`: folder {path} has weights only as {names}, not safetensors; sftlib loads safetensors "
+        names = ", ".join(sorted(p.name for p in found)[:3])
+        return (
+            f"folder {path} has weights only as {names}, not safetensors; sftlib loads safetensors "
             "only, because pickled weights can run code. If you trust the file, convert it once: `python -c \"from "
             f"transformers import AutoModelForCausalLM as M; M.from_pretrained('{path}', use_safetensors=False)"
             f".save_pretrained('{path}-safetensors')\"` (then copy the tokenizer files) and point `model.name` there"
         )
+    if tokenizer and not any((path / n).is_file() for n in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        return (f"folder {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy them from the "
+                "model the weights came from, or save them there with `tokenizer.save_pretrained(folder)`")
+    return None
+
+
+def _model_type_problem(path: Path) -> str | None:
+    """An architecture this transformers does not know, said before transformers says it in a traceback."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # transformers' own message names the broken file
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or "auto_map" in config:
+        return None  # no type to look up, or the model ships its own code (see `model.trust_remote_code`)
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type in CONFIG_MAPPING:
+        return None
+    return (f"folder {path}: its config.json says `model_type` is {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know; upgrade transformers (`pip install -U transformers`) if the "
+            "model is newer, or correct `model_type` in config.json (e.g. `llama`)")
+
+
+def _check_folder(name: str, *, weights: bool = True) -> None:
+    problem = model_folder_problem(name, weights=weights)
+    if problem:
+        raise ModelLoadError(f"`model.name`: {problem}")
 
 
 def load_model(cfg, backend):
     """Load `cfg.model.name` for `backend`; returns (model, tokenizer)."""
     name = resolve_model_name(cfg.model.name)
     local = Path(name)
-    _check_folder(local)
+    _check_folder(name)
     dtype = _torch_dtype(cfg.model.dtype, backend)
     try:
         if backend.name == "unsloth":
