@@ -118,6 +118,11 @@ def output_problems(cfg) -> None:
     busy = folder_in_use(cfg.train.output_dir)
     if busy is not None:
         raise busy
+    from sftlib.training.checkpoints import explicit_resume_problem
+
+    incomplete = explicit_resume_problem(cfg)  # a checkpoint cut short, found before the model loads
+    if incomplete is not None:
+        raise incomplete
 
 
 def setup(cfg, *, load_weights: bool = True, log: Log = print) -> Setup:

@@ -15,6 +15,9 @@ import json
 from pathlib import Path
 
 from sftlib.exports.report import ExportError
+from sftlib.paths import path_problem
+from sftlib.training.model import model_folder_problem, resolve_model_name
+
 
 def template_of(tokenizer):
     """The sftlib template whose text the tokenizer carries (training sets it), or None."""
@@ -26,6 +29,20 @@ def template_of(tokenizer):
 
 def _named_explicitly(cfg, key: str) -> bool:
     return cfg is not None and cfg.sources.get(key) in ("file", "override")
+
+
+def _check_export_folder(folder: Path) -> None:
+    """A folder that exists and can be read; a `checkpoint-N` folder only once its saving finished."""
+    from sftlib.training.checkpoints import MARKER, checkpoint_problem, is_checkpoint_folder
+
+    problem = path_problem(folder, want="folder")
+    if problem:
+        raise ExportError(f"--model: {problem}; point it at the `lora` or `merged_16bit` folder a run wrote")
+    if is_checkpoint_folder(folder):
+        problem = checkpoint_problem(folder)
+        if problem:  # what resume refuses, export refuses too: its adapters may be cut short
+            raise ExportError(f"--model: checkpoint `{folder}` is incomplete: {problem}; export from a complete "
+                              f"checkpoint (one with `{MARKER}`) or from the `lora` folder a finished run wrote")
 
 
 def load_for_export(folder: str | Path, cfg=None, *, template: str | None = None, device: str | None = None):
@@ -40,6 +57,7 @@ def load_for_export(folder: str | Path, cfg=None, *, template: str | None = None
     from sftlib.exports.merged import load_adapters
 
     folder = Path(folder)
+    _check_export_folder(folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if (folder / "adapter_config.json").is_file():
@@ -51,8 +69,16 @@ def load_for_export(folder: str | Path, cfg=None, *, template: str | None = None
             base = "demo"  # the embedded demo model: a name that finds it again on any machine
         if not base:
             raise ExportError(f"`{folder}/adapter_config.json` names no base model; pass --config with `model.name`")
+        problem = model_folder_problem(resolve_model_name(base), tokenizer=False)
+        if problem:  # a base folder moved or deleted since training
+            where = "`model.name`" if base != named else f"`{folder}/adapter_config.json` (`base_model_name_or_path`)"
+            raise ExportError(f"the base model that {where} names cannot be loaded: {problem}; give the base the "
+                              "adapters were trained on with --set model.name=BASE (a folder or a Hub name)")
         model, tokenizer = load_adapters(base, folder, dtype=dtype, device=device)
     elif (folder / "config.json").is_file():
+        problem = model_folder_problem(str(folder))
+        if problem:
+            raise ExportError(f"--model: {problem}")
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map={"": device},
                                                      use_safetensors=True)

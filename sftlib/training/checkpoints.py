@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from sftlib.errors import SftlibError
+from sftlib.paths import path_problem
 
 MARKER = "sftlib_checkpoint.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -48,11 +49,16 @@ def run_settings(cfg) -> dict:
     return {k: v for k, v in flat.items() if k not in _NEUTRAL_KEYS}
 
 
+def is_checkpoint_folder(folder: str | Path) -> bool:
+    """Whether `folder` is named like one the trainer saves (`checkpoint-N`)."""
+    return bool(_CHECKPOINT.match(Path(folder).name))
+
+
 def checkpoint_problem(folder: str | Path) -> str | None:
     """Why `folder` is not a complete sftlib checkpoint, or None when it is."""
     folder = Path(folder)
     if not folder.is_dir():
-        return "it is not a folder"
+        return path_problem(folder, want="folder") or "it is not a folder"
     try:
         marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -94,6 +100,22 @@ def _diff(saved: dict, now: dict) -> list[str]:
     return [f"`{k}`: {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]
 
 
+def explicit_resume_problem(cfg) -> CheckpointError | None:
+    """The error `resolve_resume` would raise for a `train.resume` path, found before anything is loaded."""
+    mode = getattr(cfg.train, "resume", "auto")
+    if not isinstance(mode, str) or mode in ("auto", "never"):
+        return None
+    return _resume_path_problem(mode)
+
+
+def _resume_path_problem(mode: str) -> CheckpointError | None:
+    problem = checkpoint_problem(Path(mode).expanduser())
+    if problem is None:
+        return None
+    return CheckpointError(f"`train.resume` = `{mode}` cannot be resumed from: {problem}; give a complete "
+                           "checkpoint folder, `auto` (the newest complete one in `train.output_dir`) or `never`")
+
+
 def resolve_resume(cfg, explicit: str | bool | None = None) -> Path | None:
     """The checkpoint to continue from, per `explicit` (an argument of `train`) or else `train.resume`."""
     mode = getattr(cfg.train, "resume", "auto") if explicit is None else explicit
@@ -110,11 +132,9 @@ def resolve_resume(cfg, explicit: str | bool | None = None) -> Path | None:
             return None
     else:
         chosen = Path(mode).expanduser()
-        problem = checkpoint_problem(chosen)
-        if problem:
-            raise CheckpointError(f"`train.resume` = `{mode}` cannot be resumed from: {problem}; give a complete "
-                                  "checkpoint folder, `auto` (the newest complete one in `train.output_dir`) or "
-                                  "`never`")
+        error = _resume_path_problem(mode)
+        if error is not None:
+            raise error
     saved = json.loads((chosen / MARKER).read_text(encoding="utf-8")).get("settings", {})
     changed = _diff(saved, run_settings(cfg))
     if changed and mode == "auto":
