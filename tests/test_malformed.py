@@ -81,6 +81,13 @@ DATA_CASES = {
     "null_row.jsonl": ["row 1: `conversations` is missing"],
     "text_empty.jsonl": ["row 1: `text` is empty"],
     "deep_nesting.jsonl": ["line 2 nests values more than 64 levels deep"],
+    "no_data_files": ["holds no data files"],
+    # made by the test (see MADE): links, pipes and devices are not stored in git
+    "symlink_loop.jsonl": ["`data.source`", "symbolic link that leads back to itself", "fix or remove the link"],
+    "dangling_link.jsonl": ["symbolic link to", "which does not exist", "fix the link"],
+    "fifo.jsonl": ["a named pipe (FIFO), not a regular file", "save the contents to a file"],
+    "device": ["a character device, not a regular file", "save the contents to a file"],
+    "unreadable": ["cannot be read (Permission denied)", "check its permissions"],
 }
 CONFIG_CASES = {
     "wrong_type_rank.yaml": ["`lora.r` must be an integer, got 'sixteen'"],
@@ -107,8 +114,12 @@ CONFIG_CASES = {
     "rank_huge.yaml": ["`lora.r` is 10000000000000000198...: at most 4096"],
     "epochs_inf.yaml": ["`train.epochs` must be a finite number, got inf"],
     "learning_rate_nan.yaml": ["`train.learning_rate` must be a finite number, got nan"],
+    "folder.yaml": ["is a folder, not a file", "give a file inside it"],
+    "symlink_loop.yaml": ["symbolic link that leads back to itself", "fix or remove the link"],
+    "fifo.yaml": ["a named pipe (FIFO), not a regular file"],
+    "unreadable.yaml": ["cannot be read (Permission denied)", "check its permissions"],
 }
-PARSE_REFUSED = {"bad_indent.yaml", "tab_indent.yaml", "trailing_comma.json", "top_level_list.yaml", "duplicate_key.yaml",
+PARSE_REFUSED = {"folder.yaml", "symlink_loop.yaml", "fifo.yaml", "unreadable.yaml","bad_indent.yaml", "tab_indent.yaml", "trailing_comma.json", "top_level_list.yaml", "duplicate_key.yaml",
                  "duplicate_key.json", "alias_bomb.yaml", "deep_nesting.yaml", "deep_nesting.json"}
 MODEL_CASES = {
     "no_weights": ["has no weight files"],
@@ -118,18 +129,84 @@ MODEL_CASES = {
     "corrupt_config": ["config.json", "not a valid JSON file"],
     "remote_code": ["ships its own Python code", "`model.trust_remote_code: true`"],
     "tokenizer_without_eos": ["`model.chat_template` = `alpaca`", "eos_token", "tokenizer_config.json"],
+    "unknown_model_type": ["`model_type` is 'llama9000'", "does not know", "pip install -U transformers"],
+    "no_tokenizer": ["has no tokenizer files", "tokenizer.save_pretrained"],
+    "config_is_folder": ["its config.json is not a file", "save the model there again"],
+    "missing": ["does not exist", "check the path"],
+    "empty": ["has no config.json", "point it at a saved model folder"],
+    "a_file": ["is a file, not a folder", "give the folder that holds it"],
+    "symlink_loop": ["symbolic link that leads back to itself", "fix or remove the link"],
 }
+# `python -m sftlib export --model FOLDER` (and `load_for_export`); checkpoint folders also as `train.resume`
+EXPORT_CASES = {
+    "truncated_checkpoint": ["checkpoint", "is incomplete", "adapter_model.safetensors` has 222 bytes, not the 4218",
+                             "export from a complete checkpoint"],
+    "checkpoint_without_marker": ["is incomplete", "has no `sftlib_checkpoint.json`", "export from a complete"],
+    "base_deleted": ["adapter_config.json` (`base_model_name_or_path`)", "/nonexistent/sftlib-deleted-base",
+                     "does not exist", "--set model.name=BASE"],
+    "missing": ["--model", "does not exist", "check the path"],
+    "symlink_loop": ["--model", "symbolic link that leads back to itself"],
+    "a_file": ["--model", "is a file, not a folder"],
+}
+CHECKPOINT_CASES = {"truncated_checkpoint": "has 222 bytes, not the 4218",
+                    "checkpoint_without_marker": "has no `sftlib_checkpoint.json`"}
 ALL_CASES = ([("data", n) for n in DATA_CASES] + [("config", n) for n in CONFIG_CASES]
              + [("model", n) for n in MODEL_CASES])
+UNREADABLE = Path("/proc/sys/vm/compact_memory")  # refuses reading even to root (permission bits do not)
+
+
+def _make(kind: str, name: str, root: Path) -> Path:
+    """The cases that cannot be stored in git: links, pipes, devices, a missing path, an empty folder."""
+    if name == "device":
+        return Path("/dev/zero")  # never read: it never ends
+    if name.startswith("unreadable"):
+        return UNREADABLE
+    path = root / kind / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name.startswith("symlink_loop"):
+        os.symlink(path.name, path)
+    elif name.startswith("dangling_link"):
+        os.symlink("gone.jsonl", path)
+    elif name.startswith("fifo"):
+        os.mkfifo(path)
+    elif name == "empty":
+        path.mkdir()
+    elif name == "a_file":
+        path.write_text("not a folder\n")
+    return path  # "missing": nothing made
+
+
+MADE = {("data", n) for n in ("symlink_loop.jsonl", "dangling_link.jsonl", "fifo.jsonl", "device", "unreadable")}
+MADE |= {("config", n) for n in ("symlink_loop.yaml", "fifo.yaml", "unreadable.yaml")}
+MADE |= {("model", n) for n in ("missing", "empty", "a_file", "symlink_loop", "tokenizer_without_eos")}
+MADE |= {("export", n) for n in ("missing", "symlink_loop", "a_file")}
+
+
+def _unreadable_here() -> bool:
+    try:
+        os.close(os.open(UNREADABLE, os.O_RDONLY))
+    except OSError:
+        return True
+    return False
+
+
+def _skip_unless_possible(name: str) -> None:
+    if name.startswith("unreadable") and not _unreadable_here():
+        pytest.skip(f"{UNREADABLE} can be opened here, so there is no unreadable file to give")
 
 
 def test_the_corpus_is_complete():
     """Every file in tests/malformed has a case here and the other way round: none is silently skipped."""
     on_disk = {("data", p.name) for p in (CORPUS / "data").iterdir()}
     on_disk |= {("config", p.name) for p in (CORPUS / "config").iterdir()}
-    on_disk |= {("model", p.name) for p in (CORPUS / "model").iterdir()} | {("model", "tokenizer_without_eos")}
-    assert on_disk == set(ALL_CASES)
-    assert len(ALL_CASES) >= 30
+    on_disk |= {("model", p.name) for p in (CORPUS / "model").iterdir()}
+    on_disk |= {("export", p.name) for p in (CORPUS / "export").iterdir()}
+    made = {case for case in MADE if case[0] != "export"}
+    assert not on_disk & MADE, "a case both stored and made"
+    assert on_disk | made == set(ALL_CASES) | {("export", n) for n in EXPORT_CASES} - MADE
+    assert {("export", n) for n in EXPORT_CASES} >= {c for c in MADE if c[0] == "export"}
+    assert set(CHECKPOINT_CASES) <= set(EXPORT_CASES)
+    assert len(ALL_CASES) + len(EXPORT_CASES) >= 30
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +215,12 @@ def model_cases(tiny_model_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("model-cases")
     for case in (CORPUS / "model").iterdir():
         shutil.copytree(case, root / case.name)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json") if case.name != "no_tokenizer" else ():
             shutil.copy(tiny_model_dir / name, root / case.name / name)
-    shutil.copy(tiny_model_dir / "model.safetensors", root / "remote_code")
+    for case in ("remote_code", "no_tokenizer"):
+        shutil.copy(tiny_model_dir / "model.safetensors", root / case)
+    for kind, name in MADE - {("model", "tokenizer_without_eos")}:
+        _make(kind, name, root / "made")
     no_eos = root / "tokenizer_without_eos"
     shutil.copytree(tiny_model_dir, no_eos)
     config = json.loads((no_eos / "tokenizer_config.json").read_text())
@@ -150,7 +230,18 @@ def model_cases(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def _case_input(kind: str, name: str, model_cases: Path) -> Path:
+    if (kind, name) in MADE and name != "tokenizer_without_eos":
+        return _made_path(kind, name, model_cases)
+    if kind == "export":
+        folder = CORPUS / "export" / name
+        return next(folder.glob("checkpoint-*"), folder)  # a checkpoint case: the checkpoint-N folder inside
     return model_cases / name if kind == "model" else CORPUS / kind / name
+
+
+def _made_path(kind: str, name: str, model_cases: Path) -> Path:
+    if name == "device":
+        return Path("/dev/zero")
+    return UNREADABLE if name.startswith("unreadable") else model_cases / "made" / kind / name
 
 
 def _call_entry_point(kind: str, name: str, model_cases: Path):
@@ -181,6 +272,7 @@ EXPECTED_TYPE = {"data": DataError, "config": ConfigError, "model": ModelLoadErr
 
 @pytest.mark.parametrize("kind,name", ALL_CASES, ids=[f"{k}/{n}" for k, n in ALL_CASES])
 def test_entry_point_names_the_file_row_and_field(kind, name, model_cases):
+    _skip_unless_possible(name)
     exc = _call_entry_point(kind, name, model_cases)
     assert exc is not None, f"{kind}/{name} was accepted"
     assert type(exc) is EXPECTED_TYPE[kind], f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
@@ -197,7 +289,7 @@ def test_entry_point_names_the_file_row_and_field(kind, name, model_cases):
 def _run_config(kind: str, name: str, model_cases: Path, tiny_model_dir: Path, out: Path) -> Path:
     """The config `python -m sftlib train --config` gets for one case; outputs go under `out`."""
     if kind == "config":
-        source = CORPUS / "config" / name
+        source = _case_input(kind, name, model_cases)
         if name in PARSE_REFUSED:
             return source  # the file itself is refused before it becomes a mapping: run it as it is
         d = yaml.safe_load(source.read_text())
@@ -213,9 +305,9 @@ def _run_config(kind: str, name: str, model_cases: Path, tiny_model_dir: Path, o
                       "output_dir": str(out / "train")},
             "export": {"formats": ["lora"], "output_dir": str(out / "model")}}
     if kind == "data":
-        base["data"]["source"] = str(CORPUS / "data" / name)
+        base["data"]["source"] = str(_case_input(kind, name, model_cases))
     elif kind == "model":
-        base["model"]["name"] = str(model_cases / name)
+        base["model"]["name"] = str(_case_input(kind, name, model_cases))
         if name == "tokenizer_without_eos":
             base["model"]["chat_template"] = "alpaca"
     for section, values in d.items():  # the malformed config's own values win
@@ -237,6 +329,7 @@ def _assert_one_paragraph(stderr: str) -> None:
 @pytest.mark.parametrize("kind,name", ALL_CASES, ids=[f"{k}/{n}" for k, n in ALL_CASES])
 def test_cli_train_exits_2_without_traceback_and_writes_nothing(kind, name, model_cases, tiny_model_dir, tmp_path,
                                                                 capsys):
+    _skip_unless_possible(name)
     out = tmp_path / "out"
     config = _run_config(kind, name, model_cases, tiny_model_dir, out)
     before = sorted(p.name for p in _case_input(kind, name, model_cases).parent.iterdir())
@@ -249,6 +342,51 @@ def test_cli_train_exits_2_without_traceback_and_writes_nothing(kind, name, mode
     assert "error: " in stderr
     assert not out.exists(), f"wrote {[str(p) for p in out.rglob('*')]}"
     assert sorted(p.name for p in _case_input(kind, name, model_cases).parent.iterdir()) == before
+
+
+@pytest.mark.parametrize("name", EXPORT_CASES)
+def test_export_refuses_a_folder_it_cannot_use(name, model_cases, tmp_path, capsys):
+    """`python -m sftlib export --model FOLDER`: a checkpoint cut short, a base that is gone, a path that is not
+    a folder; `load_for_export` raises ExportError naming the folder and the fix, the CLI exits 2, nothing written."""
+    from sftlib.exports import load_for_export
+    from sftlib.exports.report import ExportError
+
+    folder = _case_input("export", name, model_cases)
+    with pytest.raises(ExportError) as caught:
+        load_for_export(folder, device="cpu")
+    for phrase in [str(folder), *EXPORT_CASES[name]]:
+        assert phrase in str(caught.value), f"{phrase!r} not in: {caught.value}"
+    before = sorted(p.name for p in folder.parent.iterdir())
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(["export", "--model", str(folder), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    _assert_one_paragraph(stderr)
+    assert "error: " in stderr and str(folder) in stderr
+    assert not out.exists() and sorted(p.name for p in folder.parent.iterdir()) == before
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_CASES)
+def test_train_refuses_to_resume_from_an_incomplete_checkpoint(name, model_cases, tiny_model_dir, tmp_path, capsys):
+    """The same folders as `train.resume`: refused before the model loads or any folder is made."""
+    folder = _case_input("export", name, model_cases)
+    out = tmp_path / "out"
+    config = _run_config("model", "no_weights", model_cases, tiny_model_dir, out)  # a run config to start from
+    run = yaml.safe_load(config.read_text())
+    run["model"]["name"] = str(tiny_model_dir)
+    run["train"]["resume"] = str(folder)
+    config.write_text(yaml.safe_dump(run))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(["train", "--config", str(config)])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    _assert_one_paragraph(stderr)
+    assert f"`train.resume` = `{folder}` cannot be resumed from" in stderr
+    assert CHECKPOINT_CASES[name] in stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("kind,name", [("data", "content_number.jsonl"), ("config", "negative_rank.yaml"),
