@@ -427,6 +427,46 @@ def test_cli_exit_status(tiny_model_dir, tmp_path, capsys):
     assert main(["preflight", "--config", str(config), "--set", "train.preflight=sometimes"]) == 2  # config error
 
 
+
+@pytest.mark.parametrize("setting,expected", [
+    ("lora.target_modules=[q_proj,nope]", "`lora.target_modules`: ['nope'] not found in this model"),
+    ("lora.r=65", "`lora.r` is 65, above the width of the narrowest adapted layer (32)"),
+])
+def test_cli_preflight_refuses_what_train_refuses(setting, expected, tiny_model_dir, tmp_path, capsys):
+    """`python -m sftlib preflight --config run.yaml --set lora.target_modules=[q_proj,nope]`: the model-dependent
+    checks `train` runs after loading the model, here on a skeleton without weights; same message, exit 2."""
+    from sftlib import cli
+
+    data = _write_data(tmp_path / "chat.jsonl")
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    _cfg(tiny_model_dir, **{"data.source": str(data), "data.eval_size": 0, "train.max_steps": 1,
+                            "train.output_dir": str(out / "train"), "export.output_dir": str(out / "model")}
+         ).to_yaml(config)
+    messages = []
+    for command in ("preflight", "train"):
+        code = cli.main([command, "--config", str(config), "--set", setting])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        err = err[err.find("error: "):]  # after train's progress bars
+        assert "Traceback" not in err and err.startswith("error: ") and "\n\n" not in err.strip(), err
+        assert expected in err
+        messages.append(err)
+    assert messages[0] == messages[1]
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("rows", ["-5", "0", "many"])
+def test_cli_preflight_rows_must_be_a_positive_integer(rows, capsys):
+    from sftlib import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["preflight", "--preset", "cpu-demo", "--rows", rows])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --rows: expects a positive integer" in err and "Traceback" not in err
+
+
 from conftest import SHARED_FIXTURES  # noqa: E402
 
 TOKENIZERS = SHARED_FIXTURES / "tokenizers"

@@ -1,0 +1,41 @@
+"""The model's settings checked against its architecture, without its weights: what pre-flight runs so that
+it refuses what training would refuse once the model is loaded.
+
+    from sftlib.checks.skeleton import check_model_settings
+    check_model_settings(cfg)   # ConfigError for `lora.target_modules` the model lacks, `lora.r` above a layer's width
+
+The model is built from its config.json under accelerate's `init_empty_weights`: its modules exist, with their
+shapes, but every parameter is on the meta device, so even an 8B model is built in about a second and takes no
+memory. The check itself is sftlib.training.lora.check_targets, the one `add_lora` runs on the loaded model.
+"""
+
+from __future__ import annotations
+
+
+def skeleton(cfg):
+    """`cfg.model.name` as modules without weights, or None when its config.json cannot be read (no copy here and
+    no network, or an architecture transformers does not know): training then says why when it loads the model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftlib.training.model import resolve_model_name
+
+    remote = cfg.model.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model.name), trust_remote_code=remote)
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+    except (OSError, ValueError, KeyError, ImportError):
+        return None
+
+
+def check_model_settings(cfg) -> bool:
+    """Raise ConfigError as `add_lora` would for this model; False when the model's architecture is unknown here
+    (nothing could be checked), True when it passed."""
+    from sftlib.training.lora import check_targets
+
+    model = skeleton(cfg)
+    if model is None:
+        return False
+    check_targets(model, cfg.lora)
+    return True
