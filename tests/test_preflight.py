@@ -467,6 +467,26 @@ def test_cli_preflight_rows_must_be_a_positive_integer(rows, capsys):
     assert "argument --rows: expects a positive integer" in err and "Traceback" not in err
 
 
+
+@pytest.mark.parametrize("lengths,limit", [([40, 60, 300_000], 64), ([20] * 5 + [2048, 5_000_000], 2048),
+                                           ([5, 900_000], 0), ([30, 31, 32], 64)])
+def test_length_histogram_has_a_bounded_number_of_lines(lengths, limit):
+    """One conversation thousands of times longer than `model.max_seq_length` adds a few lines to the report's
+    histogram, not one empty line per max_seq_length-wide bucket up to it; every row is still counted."""
+    from sftlib.checks.report import Report
+
+    report = Report(rows_total=len(lengths), rows_checked=len(lengths), lengths=lengths, max_seq_length=limit)
+    buckets = report.histogram()
+    assert len(buckets) <= 24
+    assert sum(c for _, _, c in buckets) == len(lengths)
+    assert buckets[-1][1] >= max(lengths)
+    if limit and limit < max(lengths):
+        assert any(hi == limit for _, hi, _ in buckets)  # the limit stays a bucket edge
+    text = report.to_text()
+    assert 0 < sum(line.startswith("  ") and "-" in line and "#" in line for line in text.splitlines()) <= 24
+    assert len(text.splitlines()) < 40
+
+
 from conftest import SHARED_FIXTURES  # noqa: E402
 
 TOKENIZERS = SHARED_FIXTURES / "tokenizers"
