@@ -283,6 +283,30 @@ def test_a_rank_above_the_models_layer_width_stops_before_training(tiny_model_di
     assert not (out / "model").exists() and not list((out / "train").glob("checkpoint-*"))
 
 
+@pytest.mark.parametrize("command", ["train", "preflight"])
+def test_a_row_far_longer_than_max_seq_length_is_refused_before_tokenizing(command, tiny_model_dir, tmp_path, capsys):
+    """A 3 MB one-line conversation (a file pasted into one turn) against `model.max_seq_length: 2048`: refused from
+    its character count, before any row is tokenized, with a fix that is not a 750,000-token max_seq_length."""
+    huge = " ".join(["lorem ipsum dolor sit amet"] * 120_000)  # about 3.2 MB
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3
+    rows.insert(1, {"messages": [{"role": "user", "content": huge}, {"role": "assistant", "content": "Done."}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    code = cli.main([command, "--preset", "cpu-demo", "--set", f"model.name={tiny_model_dir}",
+                     "--set", f"data.source={data}", "--set", "data.eval_size=0", "--set", "model.max_seq_length=2048",
+                     "--set", f"train.output_dir={out / 'train'}", "--set", f"export.output_dir={out / 'model'}"])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert "Tokenizing" not in stderr  # refused before the tokenizer saw any row
+    error = stderr[stderr.find("error: "):]
+    _assert_one_paragraph(error)
+    assert f"`{data}`: row 1 of the training rows (starting 'lorem ipsum" in error
+    assert f"has {len(huge) + 5:,} characters" in error and "`model.max_seq_length` 2048" in error
+    assert "drop it or split it" in error and "131,072 characters" in error
+    assert not out.exists()
+
+
 def test_a_valueerror_from_a_dependency_still_shows_its_traceback(tmp_path, capsys, monkeypatch):
     """The CLI hides tracebacks only for sftlib's own errors: a crash inside a dependency is a bug to report."""
     import sftlib.steps

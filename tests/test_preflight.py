@@ -193,6 +193,28 @@ def test_over_long_rows_are_counted_with_the_trained_tokens_they_lose(tiny, tiny
     assert again.truncated_rows == 4 and again.trained_lost == expected_lost
 
 
+@pytest.mark.parametrize("limit,fix", [
+    (512, "raise `model.max_seq_length` to 1024, the most this model reads, and drop or split the rows still longer"),
+    (1024, "drop or split the longest rows (99% of rows are under"),
+])
+def test_suggested_max_seq_length_never_exceeds_what_the_model_reads(limit, fix, tiny, tiny_model_dir):
+    """Rows longer than the model's `max_position_embeddings` (1024 for the tiny model): pre-flight's fix for the
+    cut rows is never a `model.max_seq_length` the model cannot read (it once suggested 30 million tokens)."""
+    model, tokenizer = tiny
+    template = get_template("chatml")
+    prepare_tokenizer(model, tokenizer, template)
+    long_answer = " ".join(["The colour is blue, the capital is Paris."] * 300)
+    ds = Dataset.from_list([{"messages": [{"role": "user", "content": "Tell me."},
+                                          {"role": "assistant", "content": long_answer}]}] * 3)
+    rows = encode_dataset(ds, tokenizer, template, max_length=limit)
+    cfg = _cfg(tiny_model_dir, **{"model.max_seq_length": limit})
+    for given in (model, None):  # from the loaded model, or from config.json without it
+        report = preflight(cfg, tokenizer, template, rows, raw_rows=ds, model=given)
+        assert max(report.lengths) > 2000
+        finding = next(f for f in report.findings if f.code == "truncated_rows")
+        assert fix in finding.message, finding.message
+
+
 def test_rows_cut_before_their_answer_train_nothing(tiny, tiny_model_dir):
     model, tokenizer = tiny
     template = get_template("chatml")

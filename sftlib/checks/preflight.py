@@ -239,7 +239,7 @@ def preflight(cfg, tokenizer, template, train_rows, *, raw_rows=None, model=None
             report.previews.append(Preview(i, segments, min(len(ids), limit), trained))
     report.truncated_rows = len(cut)
     report.trained_lost = None if lost_unknown else lost
-    _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut)
+    _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut, model)
     memory_finding(report, cfg, tokenizer, model, shape, backend, gpu, embeddings_trained)
     if tokens is not None:
         from sftlib.checks.stopping import stop_findings
@@ -252,7 +252,9 @@ def preflight(cfg, tokenizer, template, train_rows, *, raw_rows=None, model=None
     return report
 
 
-def _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut) -> None:
+def _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut, model) -> None:
+    from sftlib.checks.skeleton import max_positions
+
     add, checked, limit = report.findings.append, report.rows_checked, report.max_seq_length
     of = f"of the {checked} rows checked"
     eot = template.end_of_turn_text(tokenizer.eos_token)
@@ -308,8 +310,13 @@ def _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, d
             lost = ("an unknown number of trained tokens (pass raw_rows to count them)" if report.trained_lost is None
                     else f"{report.trained_lost:,} trained tokens "
                          f"({report.trained_lost / max(1, report.trained_tokens + report.trained_lost):.1%} of them)")
-            fix = (f"raise `model.max_seq_length` to {-(-p99 // 64) * 64} (covers 99% of rows)"
-                   if p99 > limit else "drop the few longest rows, or raise `model.max_seq_length`")
+            wanted, cap = -(-p99 // 64) * 64, max_positions(cfg, model)  # never beyond what the model reads
+            fix = ("drop the few longest rows, or raise `model.max_seq_length`" if p99 <= limit else
+                   f"raise `model.max_seq_length` to {wanted} (covers 99% of rows)" if wanted <= cap else
+                   f"drop or split the longest rows (99% of rows are under {p99} tokens, more than the {cap} this "
+                   "model reads)" if limit >= cap else
+                   f"raise `model.max_seq_length` to {cap}, the most this model reads, and drop or split the rows "
+                   f"still longer (99% of rows are under {p99} tokens)")
             add(Finding(WARNING, "truncated_rows", (
                 f"{len(cut)} {of} ({share}) are longer than `model.max_seq_length` ({limit}) and are cut, losing "
                 f"{lost}; the longest has {lengths[-1]} tokens. Fix: {fix}")))
@@ -322,6 +329,7 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
     """
     from sftlib.checks.skeleton import check_model_settings
     from sftlib.data import encode_dataset, load_dataset
+    from sftlib.data.length import refuse_overlong
     from sftlib.data.templates import get_template
     from sftlib.training import memory
     from sftlib.training.model import load_tokenizer
@@ -333,6 +341,7 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
     tokenizer = load_tokenizer(cfg)
     info = prepare_tokenizer(None, tokenizer, template)  # as training will: missing tokens added, pad != EOS
     train_ds, _ = load_dataset(cfg.data)
+    refuse_overlong(train_ds, cfg.model.max_seq_length, source=f"`{cfg.data.source}`")  # before tokenizing it
     n = len(train_ds)
     first = list(range(min(preview, n)))
     rest = random.Random(0).sample(range(len(first), n), min(max(0, sample - len(first)), n - len(first)))

@@ -29,6 +29,28 @@ def skeleton(cfg):
         return None
 
 
+SANE_MAX_SEQ_LENGTH = 131_072  # when the model's own limit is unknown: no suggestion goes above it
+
+
+def max_positions(cfg, model=None) -> int:
+    """The longest sequence the model reads (`max_position_embeddings` of its config), else SANE_MAX_SEQ_LENGTH:
+    pre-flight never suggests a `model.max_seq_length` above it."""
+    config = getattr(model, "config", None)
+    if config is None:
+        from transformers import AutoConfig
+
+        from sftlib.training.model import resolve_model_name
+
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_name(cfg.model.name),
+                                                trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError, KeyError, ImportError):
+            return SANE_MAX_SEQ_LENGTH
+    config = getattr(config, "get_text_config", lambda: config)()
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else SANE_MAX_SEQ_LENGTH
+
+
 def check_model_settings(cfg) -> bool:
     """Raise ConfigError as `add_lora` would for this model; False when the model's architecture is unknown here
     (nothing could be checked), True when it passed."""
