@@ -119,6 +119,7 @@ MODEL_CASES = {
     "remote_code": ["ships its own Python code", "`model.trust_remote_code: true`"],
     "tokenizer_without_eos": ["`model.chat_template` = `alpaca`", "eos_token", "tokenizer_config.json"],
 }
+PREFLIGHT_READS_NO_WEIGHTS = {"no_weights", "bin_only", "corrupt_safetensors"}  # pre-flight loads no weights
 ALL_CASES = ([("data", n) for n in DATA_CASES] + [("config", n) for n in CONFIG_CASES]
              + [("model", n) for n in MODEL_CASES])
 
@@ -249,6 +250,26 @@ def test_cli_train_exits_2_without_traceback_and_writes_nothing(kind, name, mode
     assert "error: " in stderr
     assert not out.exists(), f"wrote {[str(p) for p in out.rglob('*')]}"
     assert sorted(p.name for p in _case_input(kind, name, model_cases).parent.iterdir()) == before
+
+
+PREFLIGHT_CASES = [(k, n) for k, n in ALL_CASES if n not in PREFLIGHT_READS_NO_WEIGHTS]
+
+
+@pytest.mark.parametrize("kind,name", PREFLIGHT_CASES, ids=[f"{k}/{n}" for k, n in PREFLIGHT_CASES])
+def test_cli_preflight_refuses_what_train_refuses(kind, name, model_cases, tiny_model_dir, tmp_path, capsys):
+    """`python -m sftlib preflight --config run.yaml` on the same inputs: exit 2, one paragraph, the same first
+    phrase as train's error. Damaged weights are the exception: pre-flight does not read them."""
+    out = tmp_path / "out"
+    config = _run_config(kind, name, model_cases, tiny_model_dir, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(["preflight", "--config", str(config)])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    error = stderr[stderr.find("error: "):]
+    _assert_one_paragraph(error)
+    assert {**DATA_CASES, **CONFIG_CASES, **MODEL_CASES}[name][0] in error
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("kind,name", [("data", "content_number.jsonl"), ("config", "negative_rank.yaml"),

@@ -18,14 +18,22 @@ def skeleton(cfg):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sftlib.training.model import resolve_model_name
+    from pathlib import Path
 
-    remote = cfg.model.trust_remote_code
+    from sftlib.training.model import check_config_file, remote_code_error, resolve_model_name
+
+    remote, name = cfg.model.trust_remote_code, resolve_model_name(cfg.model.name)
+    check_config_file(Path(name))  # as training refuses it: a local folder without config.json
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(cfg.model.name), trust_remote_code=remote)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
-    except (OSError, ValueError, KeyError, ImportError):
+    except ValueError as exc:
+        error = remote_code_error(name, exc)
+        if error is not None:
+            raise error from exc
+        return None
+    except (OSError, KeyError, ImportError):
         return None
 
 
