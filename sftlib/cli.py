@@ -60,6 +60,16 @@ def _add_config_args(p):
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one field, e.g. lora.r=32")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sftlib", description="Supervised fine-tuning, hard to get wrong.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p_pre)
     p_pre.add_argument("--gpu", help="GPU to check the memory against: T4, A100, H100 or a size in GiB "
                                      "(default: the preset's GPU, or the one in this machine)")
-    p_pre.add_argument("--rows", type=int, default=2000, help="rows to check (a seeded sample; default 2000)")
+    p_pre.add_argument("--rows", type=_positive_int, default=2000, help="rows to check (a seeded sample; default 2000)")
     p_push = sub.add_parser("push", help="upload an export folder to the Hugging Face Hub, showing the files first")
     p_push.add_argument("--folder", required=True, help="the export folder (export.output_dir, e.g. `model`)")
     p_push.add_argument("--repo", required=True, help="Hub model repository `owner/name`")

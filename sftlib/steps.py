@@ -131,6 +131,7 @@ def setup(cfg, *, load_weights: bool = True, log: Log = print) -> Setup:
     what changed), the model, and its tokenizer fitted to the chat template. `load_weights=False` fits the
     tokenizer alone (to look at data)."""
     from sftlib.data import load_dataset
+    from sftlib.data.length import refuse_overlong
     from sftlib.data.templates import get_template
     from sftlib.training import backend as backends
     from sftlib.training.tokenizer import prepare_tokenizer
@@ -143,6 +144,8 @@ def setup(cfg, *, load_weights: bool = True, log: Log = print) -> Setup:
     chosen = backends.choose_backend(cfg.backend)
     log(str(chosen))
     notes = backends.resolve(cfg, chosen)
+    for ds, split in zip(rows, ("training", "held-out")):  # before minutes of tokenizing, not after
+        refuse_overlong(ds, cfg.model.max_seq_length, source=f"`{cfg.data.source}`", split=split)
     template = get_template(cfg.model.chat_template)
     if load_weights:
         from sftlib.training.model import load_model

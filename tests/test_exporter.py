@@ -69,6 +69,23 @@ def test_parse_formats():
         parse_formats("")
 
 
+def test_export_table_keeps_absolute_paths_whole():
+    """ExportReport.table(): inside the export folder a path is shown relative to it; an absolute path outside it,
+    or under an export folder at the root `/`, keeps its leading `/` (it once read `tmp/run/model.gguf`)."""
+    from sftlib.exports.report import ExportReport, Output
+
+    def shown(out_dir: str, path: str) -> str:
+        report = ExportReport(out_dir=out_dir, items=[Output("lora", path, 10, 1.0, True)])
+        return report.table().splitlines()[1].split()[1]
+
+    assert shown("/tmp/run/model", "/tmp/run/model/lora") == "lora"
+    assert shown("/", "/tmp/run/model.gguf") == "/tmp/run/model.gguf"
+    assert shown("/tmp/run/model", "/srv/elsewhere/lora") == "/srv/elsewhere/lora"
+    assert shown("model", "/tmp/run/model/lora") == "/tmp/run/model/lora"
+    assert shown("", "/tmp/run/lora") == "/tmp/run/lora"
+    assert shown("model", "model/merged_16bit") == "merged_16bit"
+
+
 def test_every_format_is_written_and_verified(exported, trained):
     report, log = exported
     out = Path(trained["cfg"].export.output_dir)

@@ -150,6 +150,9 @@ EXPORT_CASES = {
 }
 CHECKPOINT_CASES = {"truncated_checkpoint": "has 222 bytes, not the 4218",
                     "checkpoint_without_marker": "has no `sftlib_checkpoint.json`"}
+
+
+PREFLIGHT_READS_NO_WEIGHTS = {"no_weights", "bin_only", "corrupt_safetensors"}  # pre-flight loads no weights
 ALL_CASES = ([("data", n) for n in DATA_CASES] + [("config", n) for n in CONFIG_CASES]
              + [("model", n) for n in MODEL_CASES])
 UNREADABLE = Path("/proc/sys/vm/compact_memory")  # refuses reading even to root (permission bits do not)
@@ -386,6 +389,25 @@ def test_train_refuses_to_resume_from_an_incomplete_checkpoint(name, model_cases
     _assert_one_paragraph(stderr)
     assert f"`train.resume` = `{folder}` cannot be resumed from" in stderr
     assert CHECKPOINT_CASES[name] in stderr
+
+
+PREFLIGHT_CASES = [(k, n) for k, n in ALL_CASES if n not in PREFLIGHT_READS_NO_WEIGHTS]
+
+
+@pytest.mark.parametrize("kind,name", PREFLIGHT_CASES, ids=[f"{k}/{n}" for k, n in PREFLIGHT_CASES])
+def test_cli_preflight_refuses_what_train_refuses(kind, name, model_cases, tiny_model_dir, tmp_path, capsys):
+    """`python -m sftlib preflight --config run.yaml` on the same inputs: exit 2, one paragraph, the same first
+    phrase as train's error. Damaged weights are the exception: pre-flight does not read them."""
+    out = tmp_path / "out"
+    config = _run_config(kind, name, model_cases, tiny_model_dir, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(["preflight", "--config", str(config)])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    error = stderr[stderr.find("error: "):]
+    _assert_one_paragraph(error)
+    assert {**DATA_CASES, **CONFIG_CASES, **MODEL_CASES}[name][0] in error
     assert not out.exists()
 
 
@@ -419,6 +441,30 @@ def test_a_rank_above_the_models_layer_width_stops_before_training(tiny_model_di
     _assert_one_paragraph(stderr)
     assert f"`lora.r` is {width + 1}, above the width of the narrowest adapted layer" in stderr
     assert not (out / "model").exists() and not list((out / "train").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("command", ["train", "preflight"])
+def test_a_row_far_longer_than_max_seq_length_is_refused_before_tokenizing(command, tiny_model_dir, tmp_path, capsys):
+    """A 3 MB one-line conversation (a file pasted into one turn) against `model.max_seq_length: 2048`: refused from
+    its character count, before any row is tokenized, with a fix that is not a 750,000-token max_seq_length."""
+    huge = " ".join(["lorem ipsum dolor sit amet"] * 120_000)  # about 3.2 MB
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3
+    rows.insert(1, {"messages": [{"role": "user", "content": huge}, {"role": "assistant", "content": "Done."}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    code = cli.main([command, "--preset", "cpu-demo", "--set", f"model.name={tiny_model_dir}",
+                     "--set", f"data.source={data}", "--set", "data.eval_size=0", "--set", "model.max_seq_length=2048",
+                     "--set", f"train.output_dir={out / 'train'}", "--set", f"export.output_dir={out / 'model'}"])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert "Tokenizing" not in stderr  # refused before the tokenizer saw any row
+    error = stderr[stderr.find("error: "):]
+    _assert_one_paragraph(error)
+    assert f"`{data}`: row 1 of the training rows (starting 'lorem ipsum" in error
+    assert f"has {len(huge) + 5:,} characters" in error and "`model.max_seq_length` 2048" in error
+    assert "drop it or split it" in error and "131,072 characters" in error
+    assert not out.exists()
 
 
 def test_a_valueerror_from_a_dependency_still_shows_its_traceback(tmp_path, capsys, monkeypatch):

@@ -193,6 +193,28 @@ def test_over_long_rows_are_counted_with_the_trained_tokens_they_lose(tiny, tiny
     assert again.truncated_rows == 4 and again.trained_lost == expected_lost
 
 
+@pytest.mark.parametrize("limit,fix", [
+    (512, "raise `model.max_seq_length` to 1024, the most this model reads, and drop or split the rows still longer"),
+    (1024, "drop or split the longest rows (99% of rows are under"),
+])
+def test_suggested_max_seq_length_never_exceeds_what_the_model_reads(limit, fix, tiny, tiny_model_dir):
+    """Rows longer than the model's `max_position_embeddings` (1024 for the tiny model): pre-flight's fix for the
+    cut rows is never a `model.max_seq_length` the model cannot read (it once suggested 30 million tokens)."""
+    model, tokenizer = tiny
+    template = get_template("chatml")
+    prepare_tokenizer(model, tokenizer, template)
+    long_answer = " ".join(["The colour is blue, the capital is Paris."] * 300)
+    ds = Dataset.from_list([{"messages": [{"role": "user", "content": "Tell me."},
+                                          {"role": "assistant", "content": long_answer}]}] * 3)
+    rows = encode_dataset(ds, tokenizer, template, max_length=limit)
+    cfg = _cfg(tiny_model_dir, **{"model.max_seq_length": limit})
+    for given in (model, None):  # from the loaded model, or from config.json without it
+        report = preflight(cfg, tokenizer, template, rows, raw_rows=ds, model=given)
+        assert max(report.lengths) > 2000
+        finding = next(f for f in report.findings if f.code == "truncated_rows")
+        assert fix in finding.message, finding.message
+
+
 def test_rows_cut_before_their_answer_train_nothing(tiny, tiny_model_dir):
     model, tokenizer = tiny
     template = get_template("chatml")
@@ -425,6 +447,66 @@ def test_cli_exit_status(tiny_model_dir, tmp_path, capsys):
     assert main(["preflight", "--config", str(config), "--set", "model.max_seq_length=12"]) == 1
     assert "FATAL   no_trained_tokens" in capsys.readouterr().out
     assert main(["preflight", "--config", str(config), "--set", "train.preflight=sometimes"]) == 2  # config error
+
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("lora.target_modules=[q_proj,nope]", "`lora.target_modules`: ['nope'] not found in this model"),
+    ("lora.r=65", "`lora.r` is 65, above the width of the narrowest adapted layer (32)"),
+])
+def test_cli_preflight_refuses_what_train_refuses(setting, expected, tiny_model_dir, tmp_path, capsys):
+    """`python -m sftlib preflight --config run.yaml --set lora.target_modules=[q_proj,nope]`: the model-dependent
+    checks `train` runs after loading the model, here on a skeleton without weights; same message, exit 2."""
+    from sftlib import cli
+
+    data = _write_data(tmp_path / "chat.jsonl")
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    _cfg(tiny_model_dir, **{"data.source": str(data), "data.eval_size": 0, "train.max_steps": 1,
+                            "train.output_dir": str(out / "train"), "export.output_dir": str(out / "model")}
+         ).to_yaml(config)
+    messages = []
+    for command in ("preflight", "train"):
+        code = cli.main([command, "--config", str(config), "--set", setting])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        err = err[err.find("error: "):]  # after train's progress bars
+        assert "Traceback" not in err and err.startswith("error: ") and "\n\n" not in err.strip(), err
+        assert expected in err
+        messages.append(err)
+    assert messages[0] == messages[1]
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("rows", ["-5", "0", "many"])
+def test_cli_preflight_rows_must_be_a_positive_integer(rows, capsys):
+    from sftlib import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["preflight", "--preset", "cpu-demo", "--rows", rows])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --rows: expects a positive integer" in err and "Traceback" not in err
+
+
+
+@pytest.mark.parametrize("lengths,limit", [([40, 60, 300_000], 64), ([20] * 5 + [2048, 5_000_000], 2048),
+                                           ([5, 900_000], 0), ([30, 31, 32], 64)])
+def test_length_histogram_has_a_bounded_number_of_lines(lengths, limit):
+    """One conversation thousands of times longer than `model.max_seq_length` adds a few lines to the report's
+    histogram, not one empty line per max_seq_length-wide bucket up to it; every row is still counted."""
+    from sftlib.checks.report import Report
+
+    report = Report(rows_total=len(lengths), rows_checked=len(lengths), lengths=lengths, max_seq_length=limit)
+    buckets = report.histogram()
+    assert len(buckets) <= 24
+    assert sum(c for _, _, c in buckets) == len(lengths)
+    assert buckets[-1][1] >= max(lengths)
+    if limit and limit < max(lengths):
+        assert any(hi == limit for _, hi, _ in buckets)  # the limit stays a bucket edge
+    text = report.to_text()
+    assert 0 < sum(line.startswith("  ") and "-" in line and "#" in line for line in text.splitlines()) <= 24
+    assert len(text.splitlines()) < 40
 
 
 from conftest import SHARED_FIXTURES  # noqa: E402

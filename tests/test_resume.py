@@ -139,6 +139,37 @@ def test_killed_run_resumes_to_the_same_adapter_and_losses(tiny_model_dir, tmp_p
     assert checkpoint_problem(half) is None
 
 
+def test_resume_between_two_logs_logs_what_the_uninterrupted_run_logs(tiny_model_dir, tmp_path):
+    """`train.logging_steps: 3`, `train.save_steps: 4`: checkpoint-4 lies between the logs of steps 3 and 6. The
+    resumed run's log at step 6 must average steps 5 and 6 with the 4th, as the uninterrupted run's does (it once
+    averaged only 5 and 6)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    configs = {}
+    for name in ("straight", "resumed"):
+        config = _config(tiny_model_dir, tmp_path / name)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["train"].update(max_steps=12, save_steps=4, logging_steps=3)
+        config.write_text(yaml.safe_dump(cfg))
+        configs[name] = config
+    _finish(_start(worker, configs["straight"]))
+    checkpoint = tmp_path / "straight" / "train" / "checkpoint-4"
+    assert checkpoint_problem(checkpoint) is None
+    carried = json.loads((checkpoint / "sftlib_loss_since_log.json").read_text())
+    assert carried["step"] == 4 and carried["steps_since_log"] == 1 and carried["loss_since_log"] > 0
+    assert "sftlib_loss_since_log.json" in json.loads((checkpoint / MARKER).read_text())["files"]
+    cfg = yaml.safe_load(configs["resumed"].read_text())
+    cfg["train"]["resume"] = str(checkpoint)  # continue the straight run's step 4 in a folder of its own
+    configs["resumed"].write_text(yaml.safe_dump(cfg))
+    _finish(_start(worker, configs["resumed"]))
+    want, _ = _outcome(tmp_path / "straight")
+    got, _ = _outcome(tmp_path / "resumed")
+    assert got["resumed_from"] == str(checkpoint)
+    assert [s for s, _ in got["losses"]] == [s for s, _ in want["losses"]] == [3, 6, 9, 12]
+    torch.testing.assert_close(torch.tensor([x for _, x in got["losses"]]),
+                               torch.tensor([x for _, x in want["losses"]]), rtol=LOSS_RTOL, atol=0)
+
+
 def _fake_checkpoint(folder: Path, step: int, settings: dict | None = None, complete: bool = True) -> Path:
     ckpt = folder / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)

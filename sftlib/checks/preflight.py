@@ -37,6 +37,7 @@ import statistics
 from sftlib.data.encode import IGNORE, adds_bos, encode_conversation, render
 # PreflightError and the severities are part of this module's API; the report's rendering lives apart.
 from sftlib.checks.report import FATAL, INFO, WARNING, Finding, PreflightError, Preview, Report  # noqa: F401
+from sftlib.checks.memory_finding import memory_finding, shape_of
 
 # ---- the checks ---------------------------------------------------------------------------------------
 
@@ -238,8 +239,8 @@ def preflight(cfg, tokenizer, template, train_rows, *, raw_rows=None, model=None
             report.previews.append(Preview(i, segments, min(len(ids), limit), trained))
     report.truncated_rows = len(cut)
     report.trained_lost = None if lost_unknown else lost
-    _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut)
-    _memory_finding(report, cfg, tokenizer, model, shape, backend, gpu, embeddings_trained)
+    _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut, model)
+    memory_finding(report, cfg, tokenizer, model, shape, backend, gpu, embeddings_trained)
     if tokens is not None:
         from sftlib.checks.stopping import stop_findings
 
@@ -251,7 +252,9 @@ def preflight(cfg, tokenizer, template, train_rows, *, raw_rows=None, model=None
     return report
 
 
-def _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut) -> None:
+def _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, double, no_bos, cut, model) -> None:
+    from sftlib.checks.skeleton import max_positions
+
     add, checked, limit = report.findings.append, report.rows_checked, report.max_seq_length
     of = f"of the {checked} rows checked"
     eot = template.end_of_turn_text(tokenizer.eos_token)
@@ -307,73 +310,16 @@ def _row_findings(report, cfg, template, tokenizer, empty, cut_empty, bad_end, d
             lost = ("an unknown number of trained tokens (pass raw_rows to count them)" if report.trained_lost is None
                     else f"{report.trained_lost:,} trained tokens "
                          f"({report.trained_lost / max(1, report.trained_tokens + report.trained_lost):.1%} of them)")
-            fix = (f"raise `model.max_seq_length` to {-(-p99 // 64) * 64} (covers 99% of rows)"
-                   if p99 > limit else "drop the few longest rows, or raise `model.max_seq_length`")
+            wanted, cap = -(-p99 // 64) * 64, max_positions(cfg, model)  # never beyond what the model reads
+            fix = ("drop the few longest rows, or raise `model.max_seq_length`" if p99 <= limit else
+                   f"raise `model.max_seq_length` to {wanted} (covers 99% of rows)" if wanted <= cap else
+                   f"drop or split the longest rows (99% of rows are under {p99} tokens, more than the {cap} this "
+                   "model reads)" if limit >= cap else
+                   f"raise `model.max_seq_length` to {cap}, the most this model reads, and drop or split the rows "
+                   f"still longer (99% of rows are under {p99} tokens)")
             add(Finding(WARNING, "truncated_rows", (
                 f"{len(cut)} {of} ({share}) are longer than `model.max_seq_length` ({limit}) and are cut, losing "
                 f"{lost}; the longest has {lengths[-1]} tokens. Fix: {fix}")))
-
-
-def _memory_finding(report, cfg, tokenizer, model, shape, backend, gpu, embeddings_trained) -> None:
-    import torch
-
-    from sftlib.training import memory
-
-    add = report.findings.append
-    if model is not None:
-        device = next(model.parameters()).device.type
-    elif backend == "cpu":
-        device = "cpu"
-    else:  # the GPU the config is meant for, even when checked on a laptop
-        targeted = backend in ("unsloth", "hf") or gpu is not None or memory._gpu(cfg, None)[0] is not None
-        device = "cuda" if targeted or cfg.model.load_in_4bit or torch.cuda.is_available() else "cpu"
-    if device == "cuda" and gpu is None and torch.cuda.is_available():
-        gpu = (torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / 1024 ** 3)
-    if shape is None:
-        try:
-            shape = memory.ModelShape.from_model(model) if model is not None else _shape_of(cfg)
-        except Exception as exc:  # an unreadable config must not stop the other checks
-            add(Finding(INFO, "memory", f"no memory estimate: the shape of `{cfg.model.name}` is unknown ({exc})"))
-            return
-    if embeddings_trained is None:  # as sftlib.training.lora.add_lora decides: `auto` = the vocabulary grew
-        try:
-            grew = len(tokenizer) > _shape_of(cfg).vocab
-        except Exception:  # no config.json to compare with: assume nothing was added
-            grew = False
-        embeddings_trained = memory.embeddings_trained_by(cfg, grew, backend)
-    est = memory.estimate_memory(cfg, shape, device=device, gpu=gpu, backend=backend,
-                                 embeddings_trained=embeddings_trained)
-    report.estimate = est
-    time = (f"; about {est.step_seconds:.3g} s per optimizer step of {est.tokens_per_step:,} tokens"
-            if est.step_seconds else "")
-    size = f"{est.peak_gib:.1f} GiB" if est.peak_gib >= 1 else f"{est.peak_gib * 1024:.0f} MiB"
-    head = f"peak training memory about {size}"
-    if est.verdict == "too big":
-        add(Finding(FATAL, "memory_too_big", f"{head}, more than the {est.gpu}'s {est.gpu_gib:.0f} GiB: it will run "
-                    f"out of memory. Fix: {est.suggestion}"))
-    elif est.verdict == "tight":
-        add(Finding(WARNING, "memory_tight", f"{head}, close to the {est.gpu}'s {est.gpu_gib:.0f} GiB (the estimate "
-                    f"is good to about 10%). To be safe: {est.suggestion}"))
-    elif est.verdict == "fits":
-        add(Finding(INFO, "memory", f"{head}, fits the {est.gpu}'s {est.gpu_gib:.0f} GiB{time}"))
-    elif device == "cuda":
-        add(Finding(INFO, "memory", f"{head} on a GPU{time}; give the GPU (T4, A100, H100 or its GiB) to compare"))
-    else:
-        add(Finding(INFO, "memory", f"{head} on the CPU"))
-
-
-def _shape_of(cfg):
-    from sftlib.training.memory import ModelShape, fallback_shape
-    from sftlib.training.model import resolve_model_name
-
-    name = resolve_model_name(cfg.model.name)
-    try:
-        return ModelShape.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
-    except OSError:
-        shape = fallback_shape(name)
-        if shape is None:
-            raise
-        return shape
 
 
 def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3) -> Report:
@@ -381,17 +327,21 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
 
     Only a seeded sample of `sample` rows is encoded, so checking a large dataset takes seconds.
     """
+    from sftlib.checks.skeleton import check_model_settings
     from sftlib.data import encode_dataset, load_dataset
+    from sftlib.data.length import refuse_overlong
     from sftlib.data.templates import get_template
     from sftlib.training import memory
     from sftlib.training.model import load_tokenizer
     from sftlib.training.tokenizer import prepare_tokenizer
 
     cfg.validate()
+    check_model_settings(cfg)  # what training refuses once the model is loaded, refused here without it
     template = get_template(cfg.model.chat_template)
     tokenizer = load_tokenizer(cfg)
     info = prepare_tokenizer(None, tokenizer, template)  # as training will: missing tokens added, pad != EOS
     train_ds, _ = load_dataset(cfg.data)
+    refuse_overlong(train_ds, cfg.model.max_seq_length, source=f"`{cfg.data.source}`")  # before tokenizing it
     n = len(train_ds)
     first = list(range(min(preview, n)))
     rest = random.Random(0).sample(range(len(first), n), min(max(0, sample - len(first)), n - len(first)))
@@ -399,7 +349,7 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
     subset = train_ds.select(numbers)
     rows = encode_dataset(subset, tokenizer, template, train_on=cfg.data.train_on, max_length=cfg.model.max_seq_length)
     try:
-        shape = _shape_of(cfg)
+        shape = shape_of(cfg)
     except Exception:  # no config.json to read: the memory finding says so
         shape = None
     backend = cfg.backend if cfg.backend != "auto" else None

@@ -85,14 +85,17 @@ class Report:
         return self
 
     def histogram(self, bins: int = 12) -> list[tuple[int, int, int]]:
-        """(low, high, rows with low < length <= high) over the uncut lengths; max_seq_length is a bucket edge."""
+        """(low, high, rows with low < length <= high) over the uncut lengths; max_seq_length is a bucket edge.
+
+        At most `bins` buckets up to max_seq_length and `bins` more above it: the buckets past the limit widen
+        when the longest row is far beyond it, so a row 1000 times too long adds a few lines, not thousands."""
         if not self.lengths:
             return []
         top, limit = max(self.lengths), self.max_seq_length
         if limit and limit < top:
             k = max(1, round(bins * limit / top))
             edges = [round(j * limit / k) for j in range(k + 1)]
-            step = max(1, edges[1] - edges[0])
+            step = max(1, edges[1] - edges[0], -(-(top - limit) // bins))
             while edges[-1] < top:
                 edges.append(edges[-1] + step)
         else:

@@ -98,14 +98,21 @@ class ExportReport:
         rows = [f"{'format':<14} {'written':<40} {'size':>10} {'s':>7}  verification"]
         for o in self.items:
             verdict = "not verified" if o.ok is None else ("ok" if o.ok else "FAILED")
-            where = Path(o.path)
-            try:  # inside the export folder: relative, short; anywhere else: the whole path
-                shown = str(where.relative_to(self.out_dir))
-            except ValueError:
-                shown = str(where)
+            shown = self._shown(o.path)
             rows.append(f"{o.format:<14} {shown:<40} {human_size(o.bytes):>10} {o.seconds:>7.1f}  {verdict}"
                         + (f"  {o.summary}" if o.summary else ""))
         return "\n".join(rows)
+
+    def _shown(self, path: str) -> str:
+        """Inside the export folder: relative, short; anywhere else, or with the export folder at a root (`/`, where
+        relative would drop the leading `/` and read as a path under the working directory): the whole path."""
+        where, out = Path(path), Path(self.out_dir)
+        if not self.out_dir or out == Path(out.anchor) or where.is_absolute() != out.is_absolute():
+            return str(where)
+        try:
+            return str(where.relative_to(out))
+        except ValueError:
+            return str(where)
 
     def raise_if_failed(self) -> "ExportReport":
         """Raise ExportVerifyError naming every output that failed its check; returns self otherwise."""

@@ -188,3 +188,63 @@ def checkpoint_callback(settings: dict):
 
     return MarkCompleteCheckpoints()
 
+
+
+LOSS_CARRY = "sftlib_loss_since_log.json"
+
+
+def loss_carry_callback(resume: Path | None):
+    """Keep the logged loss of a resumed run equal to the uninterrupted run's.
+
+    The trainer logs the mean loss of the steps since its last log, summed on the device between logs. A
+    checkpoint saved between two logs (`train.save_steps` not a multiple of `train.logging_steps`) does not
+    hold that sum, so a resumed run's first log averaged only the steps after the checkpoint. Saved in
+    LOSS_CARRY (listed in the completion marker like every other file) and put back when training starts,
+    the first log covers the same steps with the same sum; so does the final `train_loss`. The sums are the
+    trainer's own (`_tr_loss`, `_total_loss_scalar`, `_globalstep_last_logged` in transformers >= 4.57):
+    where the trainer lacks them nothing is carried and the first log after a resume averages fewer steps.
+    Set `.trainer` once the trainer exists; put this callback before `checkpoint_callback`."""
+    from transformers import TrainerCallback
+
+    class CarryLossBetweenLogs(TrainerCallback):
+        trainer = None
+
+        def _sums(self):
+            t = self.trainer
+            ok = t is not None and all(hasattr(t, a) for a in ("_tr_loss", "_total_loss_scalar",
+                                                              "_globalstep_last_logged"))
+            return t if ok else None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            t = self._sums()
+            if t is None or resume is None:
+                return
+            try:
+                carry = json.loads((Path(resume) / LOSS_CARRY).read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # a checkpoint from before this file existed
+                return
+            if carry.get("step") != state.global_step:
+                return
+            t._tr_loss += float(carry["loss_since_log"])
+            t._globalstep_last_logged = state.global_step - int(carry["steps_since_log"])
+            t._total_loss_scalar = float(carry["total_loss"])
+
+        def on_save(self, args, state, control, **kwargs):
+            t = self._sums()
+            if t is None:
+                return
+            from transformers.trainer_pt_utils import nested_gather
+
+            # the mean over processes, as the trainer's log takes it (a collective call: every process runs it)
+            loss = nested_gather(t._tr_loss.detach().clone(), args.parallel_mode).mean().item()
+            if not state.is_world_process_zero:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            carry = {"step": state.global_step, "loss_since_log": loss,
+                     "steps_since_log": state.global_step - t._globalstep_last_logged,
+                     "total_loss": t._total_loss_scalar}
+            tmp = folder / f".{LOSS_CARRY}.tmp"
+            tmp.write_text(json.dumps(carry), encoding="utf-8")
+            os.replace(tmp, folder / LOSS_CARRY)
+
+    return CarryLossBetweenLogs()

@@ -61,6 +61,22 @@ def stop_rows_trained(cfg, backend: str | None, tokens) -> bool:
     return whole or wanted <= set(rows)
 
 
+def check_targets(model, lora) -> None:
+    """ConfigError when `lora.target_modules` names a module this model lacks, or `lora.r` is above the width of
+    the narrowest adapted layer. Needs only the model's modules, not its weights: pre-flight passes a skeleton
+    built on the meta device (sftlib.checks.skeleton), training the loaded model, so both refuse alike."""
+    layers = linear_module_names(model)
+    missing = [m for m in lora.target_modules if m not in layers]
+    if missing:
+        raise ConfigError(Problem("lora.target_modules", f"`lora.target_modules`: {missing} not found in this "
+                                  f"model; its linear layers are {layers}"))
+    narrowest = min((min(m.in_features, m.out_features) for name, m in model.named_modules()
+                     if name.rpartition(".")[2] in lora.target_modules and hasattr(m, "in_features")), default=None)
+    if narrowest is not None and lora.r > narrowest:  # a rank above a layer's width adds nothing and wastes memory
+        raise ConfigError(Problem("lora.r", f"`lora.r` is {lora.r}, above the width of the narrowest adapted layer "
+                                  f"({narrowest}) of this model; use at most {narrowest} (8-128 is usual)"))
+
+
 def add_lora(model, cfg, backend, tokens=None):
     """Wrap `model` with LoRA adapters as `cfg.lora` says. `tokens` is what `prepare_tokenizer` returned
     (after sftlib.checks.stopping.probe_stop, when prepare_data ran): the rows it lists in `rows_to_train`
@@ -78,15 +94,7 @@ def add_lora(model, cfg, backend, tokens=None):
         warnings.warn("tokens were added (or the base never predicts its end-of-turn token) but "
                       "`lora.train_embeddings: never`: the model cannot learn to emit them")
     rows_only = bool(rows) and not whole
-    missing = [m for m in lora.target_modules if m not in linear_module_names(model)]
-    if missing:
-        raise ConfigError(Problem("lora.target_modules", f"`lora.target_modules`: {missing} not found in this "
-                                  f"model; its linear layers are {linear_module_names(model)}"))
-    narrowest = min((min(m.in_features, m.out_features) for name, m in model.named_modules()
-                     if name.rpartition(".")[2] in lora.target_modules and hasattr(m, "in_features")), default=None)
-    if narrowest is not None and lora.r > narrowest:  # a rank above a layer's width adds nothing and wastes memory
-        raise ConfigError(Problem("lora.r", f"`lora.r` is {lora.r}, above the width of the narrowest adapted layer "
-                                  f"({narrowest}) of this model; use at most {narrowest} (8-128 is usual)"))
+    check_targets(model, lora)
     embed_name = _module_name(model, model.get_input_embeddings()) or "embed_tokens"
     head = model.get_output_embeddings()
     head_name = _module_name(model, head) or "lm_head"

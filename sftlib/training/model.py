@@ -53,6 +53,21 @@ def _torch_dtype(name: str, backend):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def check_config_file(path: Path) -> None:
+    """ModelLoadError when `path` is a folder without config.json (pre-flight reads it, training too)."""
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ModelLoadError(f"`model.name`: folder {path} has no config.json; point it at a saved model folder")
+
+
+def remote_code_error(name: str, exc: ValueError) -> ModelLoadError | None:
+    """The error for a model that ships its own code while `model.trust_remote_code` is off, else None."""
+    if "trust_remote_code" not in str(exc):
+        return None
+    return ModelLoadError(
+        f"`model.name`: {name!r} ships its own Python code, which sftlib runs only when "
+        "`model.trust_remote_code: true`; turn that on only if you trust the code (read the .py files there)")
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model", "tekken.json")
 
@@ -166,12 +181,10 @@ def load_model(cfg, backend):
     except ModelLoadError:
         raise
     except ValueError as exc:
-        if "trust_remote_code" not in str(exc):
+        error = remote_code_error(name, exc)
+        if error is None:
             raise
-        raise ModelLoadError(
-            f"`model.name`: {name!r} ships its own Python code, which sftlib runs only when "
-            "`model.trust_remote_code: true`; turn that on only if you trust the code (read the .py files there)"
-        ) from exc
+        raise error from exc
     except OSError as exc:
         where = "folder" if local.exists() else "Hub model"
         raise ModelLoadError(

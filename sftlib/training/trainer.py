@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sftlib.files import check_free_space, folder_lock
-from sftlib.training.checkpoints import (checkpoint_callback, checkpoint_problem, list_checkpoints, resolve_resume,
-                                         run_settings)
+from sftlib.training.checkpoints import (checkpoint_callback, checkpoint_problem, list_checkpoints, loss_carry_callback,
+                                         resolve_resume, run_settings)
 
 ADAM_BYTES_PER_PARAM = 12  # the trained weights plus two float32 moments: a checkpoint's size, roughly
 
@@ -162,7 +162,8 @@ def _train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callba
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         check_free_space(cfg.train.output_dir, trained * ADAM_BYTES_PER_PARAM, "a training checkpoint",
                          setting="train.output_dir")
-    callbacks = [checkpoint_callback(run_settings(cfg)), *(callbacks or [])]
+    carry = loss_carry_callback(resume)  # before the marker's callback: the marker lists its file
+    callbacks = [carry, checkpoint_callback(run_settings(cfg)), *(callbacks or [])]
     # A KV cache during training hides the packed-sequence boundaries from the mask builder.
     model.config.use_cache = False
     trl_logger = logging.getLogger("trl.trainer.sft_trainer")
@@ -173,6 +174,7 @@ def _train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callba
                              callbacks=callbacks)
     finally:
         trl_logger.removeFilter(quiet)
+    carry.trainer = trainer
     if backend.cuda:
         torch.cuda.reset_peak_memory_stats()
     tokens_before = 0
