@@ -197,3 +197,26 @@ def test_the_gguf_converter_dies_with_a_killed_export(tiny_model_dir, tmp_path):
         assert _gone_within(converter, 1.0), "llama.cpp's converter outlived the killed export"
     finally:
         export.kill()
+
+
+def test_export_of_adapters_cut_short_is_one_line(tiny_model_dir, tmp_path, capsys):
+    """Adapters copied only in part (not a checkpoint, so no completeness marker to check): one line naming the
+    folder, exit 2, nothing written."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlib.exports.merged import save_adapters
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    folder = save_adapters(model, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "lora")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    out = tmp_path / "out"
+    assert cli.main(["export", "--model", str(folder), "--formats", "lora", "--template", "chatml",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    err = err[err.find("error: "):]  # after the loading progress bars
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert f"`{folder}` holds a damaged file" in err and "save or copy the adapters again" in err
+    assert not out.exists()

@@ -74,7 +74,14 @@ def load_for_export(folder: str | Path, cfg=None, *, template: str | None = None
             where = "`model.name`" if base != named else f"`{folder}/adapter_config.json` (`base_model_name_or_path`)"
             raise ExportError(f"the base model that {where} names cannot be loaded: {problem}; give the base the "
                               "adapters were trained on with --set model.name=BASE (a folder or a Hub name)")
-        model, tokenizer = load_adapters(base, folder, dtype=dtype, device=device)
+        try:
+            model, tokenizer = load_adapters(base, folder, dtype=dtype, device=device)
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] not in ("safetensors", "json"):
+                raise
+            # a cut-off copy or a disk that filled while saving: say which folder, not where safetensors failed
+            raise ExportError(f"--model: `{folder}` holds a damaged file ({type(exc).__name__}: {exc}); save or "
+                              "copy the adapters again") from exc
     elif (folder / "config.json").is_file():
         problem = model_folder_problem(str(folder))
         if problem:
