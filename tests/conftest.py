@@ -161,3 +161,18 @@ def with_lora(cfg):
     data = prepare_data(cfg, s, log=quiet)
     model = add_adapters(cfg, s, log=quiet)
     return model, s.tokenizer, s.template, data.train_rows, s.backend
+
+
+@pytest.fixture(scope="module")
+def datasets_cache_in_tmp(tmp_path_factory):
+    """Keep the Arrow copies that `datasets` makes of every file a test module loads out of the user's cache."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets"))
+        yield
+
+
+def turns(*pairs):
+    """A conversation from (role, content) pairs."""
+    return [{"role": role, "content": content} for role, content in pairs]

@@ -33,21 +33,11 @@ from sftlib.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import SHARED_FIXTURES  # noqa: E402
+from conftest import SHARED_FIXTURES, turns  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("datasets_cache_in_tmp")
 
 FIXTURES = SHARED_FIXTURES / "datasets"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _datasets_cache_in_tmp(tmp_path_factory):
-    """Keep the Arrow copies that `datasets` makes of every file loaded here out of the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets"))
-        yield
-
-
-def turns(*pairs):
-    return [{"role": role, "content": content} for role, content in pairs]
 
 
 def sharegpt(*pairs):

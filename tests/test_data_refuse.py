@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import warnings
 
-import datasets
 import pytest
 
+from conftest import turns
 from sftlib.data import DataError, load_rows, to_messages
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _datasets_cache_in_tmp(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets"))
-        yield
-
-
-def turns(*pairs):
-    return [{"role": role, "content": content} for role, content in pairs]
+pytestmark = pytest.mark.usefixtures("datasets_cache_in_tmp")
 
 
 def python_advice(message: str) -> str:

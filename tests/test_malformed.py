@@ -119,7 +119,8 @@ CONFIG_CASES = {
     "fifo.yaml": ["a named pipe (FIFO), not a regular file"],
     "unreadable.yaml": ["cannot be read (Permission denied)", "check its permissions"],
 }
-PARSE_REFUSED = {"folder.yaml", "symlink_loop.yaml", "fifo.yaml", "unreadable.yaml","bad_indent.yaml", "tab_indent.yaml", "trailing_comma.json", "top_level_list.yaml", "duplicate_key.yaml",
+PARSE_REFUSED = {"folder.yaml", "symlink_loop.yaml", "fifo.yaml", "unreadable.yaml", "bad_indent.yaml",
+                 "tab_indent.yaml", "trailing_comma.json", "top_level_list.yaml", "duplicate_key.yaml",
                  "duplicate_key.json", "alias_bomb.yaml", "deep_nesting.yaml", "deep_nesting.json"}
 MODEL_CASES = {
     "no_weights": ["has no weight files"],
