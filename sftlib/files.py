@@ -225,9 +225,15 @@ def folder_in_use(folder: str | Path, *, setting: str = "train.output_dir") -> F
 
 def writable_folder_problem(folder: str | Path, setting: str) -> str | None:
     """Why a run could not write into `folder` (making it if needed), found before anything is loaded."""
+    from sftlib.paths import path_problem
+
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
+    if folder.is_file():
         return f"`{setting}` = `{folder}` is a file, not a folder; give a folder (it is made if missing)"
+    if os.path.lexists(folder):  # a link loop, a pipe, a folder that cannot be read: the shared path check says
+        problem = path_problem(folder, want="folder")
+        if problem:
+            return f"`{setting}`: {problem}"
     probe = folder
     while not probe.exists():
         if probe.is_symlink():

@@ -605,3 +605,14 @@ def test_public_tool_call_sample_is_refused_even_with_its_roles_mapped():
         ds = to_messages(eval(python_advice(message), {"rows": rows}))
     assert len(ds) == 109
     assert {t["role"] for m in ds["messages"] for t in m} <= {"system", "user", "assistant"}
+
+
+def test_a_row_nested_too_deep_is_refused_in_a_folder_too(tmp_path):
+    """Arrow's JSON reader crashes the process on a row nested thousands deep: the line is named before it reads,
+    for a data folder as for a single file."""
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    good = json.dumps({"messages": turns(("user", "Hi [there] {you}"), ("assistant", "Hello."))})
+    (folder / "train.jsonl").write_text(good + "\n" + '{"messages": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(DataError, match=r"train\.jsonl`.*line 2 nests values more than 64 levels deep"):
+        load_rows(str(folder))

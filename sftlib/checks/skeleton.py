@@ -18,12 +18,12 @@ def skeleton(cfg):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pathlib import Path
-
-    from sftlib.training.model import check_config_file, remote_code_error, resolve_model_name
+    from sftlib.training.model import ModelLoadError, model_folder_problem, remote_code_error, resolve_model_name
 
     remote, name = cfg.model.trust_remote_code, resolve_model_name(cfg.model.name)
-    check_config_file(Path(name))  # as training refuses it: a local folder without config.json
+    problem = model_folder_problem(name, weights=False)  # training's own check of a local folder
+    if problem:
+        raise ModelLoadError(f"`model.name`: {problem}")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
         with init_empty_weights():

@@ -183,8 +183,7 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
             f"`data.split` = `{split}`: a single file has one split, `train`; slice it instead, e.g. `train[:90%]`, "
             "or give a folder holding train/test files"
         )
-    problem = _utf8_problem(path) if builder in ("json", "csv") else None
-    problem = problem or (_nesting_problem(path) if builder == "json" else None)
+    problem = _text_problem(path, json_nesting=builder == "json") if builder in ("json", "csv") else None
     if problem:
         raise DataError(f"`{path}` could not be read as {_FILE_KINDS[builder]}: {problem}")
     kwargs = _csv_kwargs(path) if builder == "csv" else {}
@@ -198,21 +197,34 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
     return ds
 
 
-def _utf8_problem(path: Path) -> str | None:
-    """Arrow reads invalid UTF-8 without complaint and fails much later, deep in a row check: find it first."""
+MAX_NESTING = 64  # chat rows nest 3-6 deep; Arrow's JSON reader overflows its stack (a segfault) on very deep rows
+_JSON_STRING = re.compile(rb'"(?:[^"\\\n]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _text_problem(path: Path, *, json_nesting: bool) -> str | None:
+    """What Arrow's readers would mishandle, found in one read of the file before any of them sees it: invalid
+    UTF-8 (read without complaint, failing much later deep in a row check) and, for JSON, values nested deeper
+    than MAX_NESTING (a segfault). Blocks end on a line break, which splits no UTF-8 character and no JSON string."""
     import codecs
 
-    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    decoder, depth, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while block := f.read(1 << 22):
+            block += f.readline()
             try:
-                decoder.decode(chunk)
+                decoder.decode(block)
             except UnicodeDecodeError as e:
-                line += chunk.count(b"\n", 0, max(e.start, 0))
-                bad = chunk[e.start:e.start + 1].hex() if e.start < len(chunk) else "?"
+                line += block.count(b"\n", 0, max(e.start, 0))
+                bad = block[e.start:e.start + 1].hex() if e.start < len(block) else "?"
                 return (f"line {line} is not valid UTF-8 (byte 0x{bad}); re-save the file as UTF-8, e.g. "
                         f"`iconv -f latin1 -t utf-8 in > out`")
-            line += chunk.count(b"\n")
+            if json_nesting:
+                depth, deep = _nesting(block, depth, line)
+                if deep:
+                    return (f"line {deep} nests values more than {MAX_NESTING} levels deep; a conversation "
+                            "nests a few levels: is the file damaged or generated wrongly?")
+            line += block.count(b"\n")
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
@@ -220,37 +232,23 @@ def _utf8_problem(path: Path) -> str | None:
     return None
 
 
-MAX_NESTING = 64  # chat rows nest 3-6 deep; Arrow's JSON reader overflows its stack (a segfault) on very deep rows
-_JSON_STRING = re.compile(rb'"(?:[^"\\\n]|\\.)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def _nesting_problem(path: Path) -> str | None:
-    """The first line where [ and { nest deeper than MAX_NESTING, found before any parser sees the file.
-
-    JSON strings never hold a raw newline, so blocks of whole lines can be read one at a time: strings
-    are cut out (a bracket inside one is text), then the depth is a running sum over the brackets left."""
+def _nesting(block: bytes, depth: int, line: int) -> tuple[int, int | None]:
+    """(the depth after `block`, the number of its first line nesting deeper than MAX_NESTING, or None). Strings
+    are cut out (a bracket inside one is text); the depth is a running sum over the brackets left."""
     import numpy as np
 
     def levels(text: bytes, start: int):
         brackets = np.frombuffer(_JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS), np.uint8)
         return start + np.cumsum(np.where(np.isin(brackets, (ord("["), ord("{"))), 1, -1))
 
-    depth, line = 0, 1
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            block += f.readline()  # end on a line break
-            running = levels(block, depth)
-            if len(running) and running.max() > MAX_NESTING:
-                for number, text in enumerate(block.split(b"\n"), line):  # which line, for the message
-                    inside = levels(text, depth)
-                    if len(inside) and inside.max() > MAX_NESTING:
-                        return (f"line {number} nests values more than {MAX_NESTING} levels deep; a conversation "
-                                "nests a few levels: is the file damaged or generated wrongly?")
-                    depth = int(inside[-1]) if len(inside) else depth
-            depth = int(running[-1]) if len(running) else depth
-            line += block.count(b"\n")
-    return None
+    running = levels(block, depth)
+    if len(running) and running.max() > MAX_NESTING:
+        for number, text in enumerate(block.split(b"\n"), line):  # which line, for the message
+            inside = levels(text, depth)
+            if len(inside) and inside.max() > MAX_NESTING:
+                return depth, number
+            depth = int(inside[-1]) if len(inside) else depth
+    return (int(running[-1]) if len(running) else depth), None
 
 
 def _json_shape_problem(path: Path) -> str | None:
@@ -328,7 +326,7 @@ def _load_folder(path: Path, split: str) -> datasets.Dataset:
         raise DataError(f"every data file in folder `{path}` is empty")
     builder = builders.pop()
     for file in files if builder in ("json", "csv") else []:
-        problem = _utf8_problem(file)
+        problem = _text_problem(file, json_nesting=builder == "json")
         if problem:
             raise DataError(f"`{file}` could not be read as {_FILE_KINDS[builder]}: {problem}")
     kwargs = _csv_kwargs(files[0]) if builder == "csv" else {}

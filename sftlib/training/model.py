@@ -53,12 +53,6 @@ def _torch_dtype(name: str, backend):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def check_config_file(path: Path) -> None:
-    """ModelLoadError when `path` is a folder without config.json (pre-flight reads it, training too)."""
-    if path.is_dir() and not (path / "config.json").exists():
-        raise ModelLoadError(f"`model.name`: folder {path} has no config.json; point it at a saved model folder")
-
-
 def remote_code_error(name: str, exc: ValueError) -> ModelLoadError | None:
     """The error for a model that ships its own code while `model.trust_remote_code` is off, else None."""
     if "trust_remote_code" not in str(exc):
