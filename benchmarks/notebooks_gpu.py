@@ -13,7 +13,8 @@ what sftlib and Unsloth decide from those answers (dtype, the packed-attention k
 way. The GPU's real kernels still run: speed is not a T4's.
 
 Writes OUT/notebooks_gpu_PRESET.json and .md (notebook, preset, backend, peak GiB, steps, seconds,
-passed), and each executed notebook's recorded results (RESULTS_PATH files), not the notebooks.
+passed; the size of every adapter folder and checkpoint written), and each executed notebook's recorded
+results (RESULTS_PATH files), not the notebooks.
 """
 
 from __future__ import annotations
@@ -125,14 +126,19 @@ def main(argv=None) -> int:
                      "train_peak_gib": results.get("peak_memory_gib"), "steps": results.get("steps"),
                      "seconds": round(seconds, 1), "passed": not error, "error": error, "results": results})
         print(f"{name}: {'passed' if not error else 'FAILED'} in {seconds:.0f}s, peak {peak}", flush=True)
+    # adapter folders and checkpoints the notebooks wrote: what a user's Drive has to hold
+    folders = {str(f.parent.relative_to(work)): round(sum(x.stat().st_size for x in f.parent.rglob("*") if x.is_file())
+                                                     / 2 ** 20, 1) for f in sorted(work.rglob("adapter_config.json"))}
     report = {"preset": args.preset, "cap_gib": args.cap_gib, "simulate_t4": args.simulate_t4,
-              "model": args.model, "max_steps": args.max_steps, "rows": rows}
+              "model": args.model, "max_steps": args.max_steps, "rows": rows, "adapter_folders_mib": folders}
     (out / f"notebooks_gpu_{args.preset}.json").write_text(json.dumps(report, indent=2, default=str))
     lines = ["| notebook | preset | backend | peak GiB (process) | peak GiB (training) | steps | seconds | passed |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['notebook']} | {r['preset']} | {r['backend']} | {r['peak_gib']} | {r['train_peak_gib'] or ''} "
                      f"| {r['steps'] or ''} | {r['seconds']} | {'yes' if r['passed'] else 'NO: ' + r['error'][:200]} |")
+    lines += ["", "| adapter folder (with checkpoints) | MiB |", "|---|---:|"]
+    lines += [f"| {name} | {mib} |" for name, mib in folders.items()]
     (out / f"notebooks_gpu_{args.preset}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r["passed"] for r in rows) else 1

@@ -50,6 +50,20 @@ def _logits_agree(a, b) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
+def _trained_embedding_parts(model) -> dict:
+    """What was trained besides LoRA: whole embedding/head copies (PEFT's modules_to_save) and trainable-token
+    rows, with how far each row set moved from the rows it started from."""
+    out = {"whole": sorted(n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n),
+           "rows": {}}
+    for name, module in model.named_modules():
+        deltas = getattr(module, "trainable_tokens_delta", None)
+        if deltas is not None and "default" in deltas:
+            start = module.trainable_tokens_original["default"].float()
+            out["rows"][name] = {"shape": list(deltas["default"].shape), "dtype": str(deltas["default"].dtype),
+                                 "moved": float((deltas["default"].detach().float() - start).abs().max())}
+    return out
+
+
 def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
     import io
     import time
@@ -68,7 +82,7 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
         "model": {"name": model_dir, "max_seq_length": 512, "chat_template": "chatml", "dtype": "bfloat16"},
         "data": {"source": "demo", "eval_size": 16, "max_rows": 400},
         "train": {"max_steps": 30, "batch_size": 4, "grad_accum": 1, "learning_rate": 2e-3, "warmup_steps": 3,
-                  "logging_steps": 5, "gradient_checkpointing": "auto", "auto_batch": True,
+                  "logging_steps": 5, "save_steps": 15, "gradient_checkpointing": "auto", "auto_batch": True,
                   "output_dir": str(out / "train")},
         "export": {"formats": ["lora", "merged_16bit", "merged_4bit"], "output_dir": str(out / "model")},
     })
@@ -84,6 +98,7 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
                   gradient_checkpointing=cfg.train.gradient_checkpointing,
                   batch=f"{cfg.train.batch_size} x {cfg.train.grad_accum}")
     model, tokenizer, template = result.model, result.tokenizer, result.template_obj
+    report["trained"] = _trained_embedding_parts(model)
     report["four_bit_layers"] = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
 
     # streaming generation: what is printed is the reply
@@ -132,6 +147,8 @@ def scenario(backend_name: str, model_dir: str, out_dir: str) -> dict:
     report["cos_merged4_vs_merged16"] = _logits_agree(m4_logits, merged_logits)
     report["sizes_gib"] = {p.name: round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2 ** 30, 3)
                            for p in (lora, merged16, merged4)}
+    report["checkpoint_sizes_gib"] = {p.name: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2 ** 30, 3)
+                                      for p in sorted((out / "train").glob("checkpoint-*"))}
     export = json.loads(Path(report["outputs"]["export_report"]).read_text())
     report["export"] = [{k: item[k] for k in ("format", "bytes", "seconds", "ok", "summary")} for item in export["items"]]
     report["seconds_total"] = round(time.perf_counter() - start, 1)
@@ -177,6 +194,14 @@ def _check(report: dict, backend: str) -> None:
     assert [(e["format"], e["ok"]) for e in report["export"]] == \
         [("lora", True), ("merged_16bit", True), ("merged_4bit", True)], report["export"]
     assert report["cos_merged4_vs_merged16"] > 0.9, "the merged 4-bit model is far from the merged 16-bit one"
+    # only the new tokens' rows are trained and saved, on every backend: no whole embedding or head copy
+    trained = report["trained"]
+    assert not trained["whole"], trained
+    assert trained["rows"] and all(r["shape"][0] == len(report["added_tokens"]) and r["moved"] > 0
+                                   for r in trained["rows"].values()), trained
+    assert report["sizes_gib"]["lora"] < 0.05, report["sizes_gib"]  # LoRA of 2 layers + 2 rows; whole: 2+ GiB
+    assert report["checkpoint_sizes_gib"] and max(report["checkpoint_sizes_gib"].values()) < 0.1, \
+        report["checkpoint_sizes_gib"]
 
 
 @needs_cuda

@@ -58,9 +58,8 @@ def stop_findings(info, tokenizer, template, *, rows_trained: bool) -> list[Find
     row stays frozen (`rows_trained` False), else a note that it is trained."""
     out = []
     eot = template.end_of_turn_text(tokenizer.eos_token)
-    frozen = ("its row is not trained (`lora.train_embeddings: never`, or Unsloth, which trains embedding rows "
-              "only as whole matrices), so the model can hardly learn to stop and talks past its answers. Fix: "
-              "`lora.train_embeddings: auto` with `backend: hf` (that row alone is trained), or `always`")
+    frozen = ("its row is not trained (`lora.train_embeddings: never`), so the model can hardly learn to stop and "
+              "talks past its answers. Fix: `lora.train_embeddings: auto` (that row alone is trained), or `always`")
     trained = "`lora.train_embeddings` trains its row, so the model can learn to stop"
     if getattr(info, "eos_added", False):
         out.append(Finding(WARNING if not rows_trained else INFO, "end_of_turn_not_in_vocab", (

@@ -90,7 +90,7 @@ class LoraConfig:
     train_embeddings: str = setting(
         "auto", "Train embed_tokens and lm_head: `auto` = only the rows that need it (tokens added to the "
         "vocabulary, e.g. ChatML's on a base model, and an end-of-turn token the base never predicts), saved "
-        "as rows; Unsloth trains both whole when tokens were added. `always` = both matrices whole; `never`.",
+        "as rows, on every backend. `always` = both matrices whole; `never`.",
         choices=TRAIN_EMBEDDINGS)
 
 

@@ -39,19 +39,14 @@ def rows_trained_only(model) -> bool:
 def embedding_plan(cfg, backend: str | None, tokens) -> tuple[list[int], bool]:
     """(rows trained as PEFT trainable tokens, whether embeddings and head are trained whole instead).
 
-    `auto`: the rows `tokens.rows_to_train` lists. Unsloth trains no rows, only whole matrices: there,
-    only new rows (added tokens) make it train both whole, and a stop token the base never predicts is
-    left to pre-flight's warning (training 2 x vocab x hidden for one row could not fit a T4)."""
+    `auto`: the rows `tokens.rows_to_train` lists, on every backend (Unsloth included: its loss reads the
+    head's weight with the trained rows written in)."""
     mode = cfg.lora.train_embeddings
     if mode == "always":
         return [], True
     if mode == "never" or tokens is None:
         return [], False
-    rows = list(getattr(tokens, "rows_to_train", None) or getattr(tokens, "added_token_ids", None) or [])
-    if backend in (None, "unsloth"):
-        grew = bool(getattr(tokens, "added_token_ids", None) or getattr(tokens, "new_row_ids", None))
-        return [], grew
-    return rows, False
+    return list(getattr(tokens, "rows_to_train", None) or getattr(tokens, "added_token_ids", None) or []), False
 
 
 def stop_rows_trained(cfg, backend: str | None, tokens) -> bool:
@@ -86,7 +81,7 @@ def add_lora(model, cfg, backend, tokens=None):
     With `lora.train_embeddings: auto`, only those rows are trained, of the input embeddings and of the
     LM head (PEFT's trainable tokens on both; a tied head shares them), and only they are saved with the
     adapters: a few MB instead of two vocab x hidden matrices and their optimizer states (about 10 GiB to
-    train and 4 GiB to save for Llama 3.1 8B). `always` trains both matrices whole; Unsloth always does.
+    train and 4 GiB to save for Llama 3.1 8B). `always` trains both matrices whole.
     """
     lora = cfg.lora
     rows, whole = embedding_plan(cfg, backend.name, tokens)
@@ -107,40 +102,54 @@ def add_lora(model, cfg, backend, tokens=None):
         plan = autotune.plan_for_model(cfg, model, backend)
         autotune.apply(cfg, plan)
     gc = cfg.train.gradient_checkpointing
-    if backend.name == "unsloth":
-        from unsloth import FastLanguageModel
-
-        targets = list(lora.target_modules) + (saved or [])
-        model = FastLanguageModel.get_peft_model(
-            model, r=lora.r, target_modules=targets, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            bias=lora.bias, use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[gc],
-            random_state=cfg.train.seed, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
-        )
-        model.sftlib_plan = plan
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    if gc in ("true", "unsloth"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     token_rows = None
     if rows_only:
         # A tied head shares the input rows (PEFT ties the two wrappers); an untied one gets the same rows
         # of its own, or the model could read the new tokens but never predict them.
         token_rows = {embed_name: rows} if tied else {embed_name: rows, head_name: rows}
-    peft_cfg = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-        bias=lora.bias, use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM",
-        modules_to_save=saved, trainable_token_indices=token_rows,
-    )
-    import torch
+    if backend.name == "unsloth":
+        from unsloth import FastLanguageModel
 
-    torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are random: same seed, same start
-    model = get_peft_model(model, peft_cfg)
+        # Unsloth passes extra arguments on to PEFT's LoraConfig; its fused loss reads `lm_head.weight`, which
+        # PEFT's trainable-tokens wrapper gives with the trained rows written in, so their gradient flows.
+        rows_arg = {"trainable_token_indices": token_rows} if token_rows else {}
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, target_modules=list(lora.target_modules) + (saved or []), lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout, bias=lora.bias,
+            use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[gc],
+            random_state=cfg.train.seed, use_rslora=lora.use_rslora, use_dora=lora.use_dora, **rows_arg,
+        )
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        if gc in ("true", "unsloth"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        peft_cfg = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            bias=lora.bias, use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM",
+            modules_to_save=saved, trainable_token_indices=token_rows,
+        )
+        import torch
+
+        torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are random: same seed, same start
+        model = get_peft_model(model, peft_cfg)
     if rows_only:
+        _rows_in_float32(model)
         _save_rows_only(model)
     model.sftlib_plan = plan  # the memory plan when `auto` chose the settings, else None
     return model
+
+
+def _rows_in_float32(model) -> None:
+    """Keep the trained rows in float32, as PEFT keeps LoRA's matrices: a half-precision parameter cannot take
+    float16 training's scaled gradients (the optimizer refuses to unscale them) and loses small updates. The
+    rows are written into the head and embedding in the model's own dtype when they are applied."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.requires_grad and "trainable_tokens_delta" in name and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
 
 
 def _save_rows_only(model) -> None:

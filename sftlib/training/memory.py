@@ -30,9 +30,10 @@ float32 (the compute dtype: `model.dtype`; `auto` = 16-bit on a GPU, 32-bit on a
   (b + 20) bytes (float32 logits, log-softmax, entropy terms and their gradients), plus the reordered
   hidden states and their gradient. The logits and a layer's gradients are never alive together.
   With only rows of the embeddings trained (`lora.train_embeddings: auto`, new tokens or an unlikely
-  end-of-turn token, sftlib.training.lora) the loss runs through the head's forward (`nll`): all
-  tokens x vocab logits at b, their float32 copy and its gradient (b + 8 bytes each), plus the head
-  with its trained rows written in (vocab x h x b) and its gradient; the rows themselves cost nothing.
+  end-of-turn token, sftlib.training.lora) the head with its trained rows written in (vocab x h x b) and
+  its gradient are alive during the loss; the rows themselves cost nothing. On transformers the loss
+  then runs through the head's forward (`nll`): all tokens x vocab logits at b, their float32 copy and
+  its gradient (b + 8 bytes each); Unsloth's loss stays chunked.
 
 Measured on the CPU (tests/test_preflight.py runs two of these; a 28 M-parameter Llama, vocab 16000,
 sftlib.training.trainer with TRL, peak resident memory growth): seven configurations (batch x seq 4x256, 8x256,
@@ -249,8 +250,10 @@ def _peak_parts(cfg, shape: ModelShape, device: str, backend: str, embeddings_tr
     mask_bool, mask_layer = (square, square * b) if masked else (0, 0)
     # TRL's default loss (`chunked_nll`, TRL >= 1.14) computes the logits TRL_CHUNK tokens at a time, on every backend.
     logits = TRL_CHUNK * shape.vocab * (b + 20) + 2 * tokens * h * b
-    if rows_only:  # the head's own forward (`nll`): every token's logits, and the head with its rows written in
+    if rows_only and backend != "unsloth":  # the head's own forward (`nll`): every token's logits
         logits = tokens * shape.vocab * (b + 8) + 2 * shape.vocab * h * b
+    elif rows_only:  # Unsloth's chunked loss on the head with its rows written in, and that head's gradient
+        logits += 2 * shape.vocab * h * b
     gc = t.gradient_checkpointing
     offload = gc == "unsloth" and backend == "unsloth"
     inputs = 2 * tokens * b * h if offload else tokens * L * b * h  # what checkpointing keeps on the device
@@ -302,15 +305,14 @@ def _verdict(peak: float, gpu_gib: float | None) -> str:
 
 def embeddings_trained_by(cfg, vocabulary_grew: bool, backend: str | None) -> bool | str:
     """What sftlib.training.lora.add_lora trains besides LoRA, for the estimate: True (embeddings and LM head
-    whole), "rows" (rows of both as PEFT trainable tokens, the loss through the head's forward) or False.
-    `lora.train_embeddings: auto` trains both whole under Unsloth (and when the backend is not known
-    yet: the larger estimate), the head only elsewhere."""
+    whole), "rows" (rows of both as PEFT trainable tokens) or False. `lora.train_embeddings: auto` trains
+    the rows of the new tokens, on every backend."""
     mode = cfg.lora.train_embeddings
     if mode == "always":
         return True
     if mode != "auto" or not vocabulary_grew:
         return False
-    return True if backend in (None, "unsloth") else "rows"
+    return "rows"
 
 
 def estimate_memory(cfg, shape: ModelShape | None = None, *, device: str = "cuda", gpu=None, backend: str | None = None,
