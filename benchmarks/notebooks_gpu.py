@@ -79,6 +79,24 @@ def parameters(name: str, args, work: Path) -> dict:
     }[name] | common
 
 
+def write_report(out: Path, work: Path, args, rows: list[dict]) -> list[str]:
+    # adapter folders and checkpoints the notebooks wrote: what a user's Drive has to hold
+    folders = {str(f.parent.relative_to(work)): round(sum(x.stat().st_size for x in f.parent.rglob("*") if x.is_file())
+                                                     / 2 ** 20, 1) for f in sorted(work.rglob("adapter_config.json"))}
+    report = {"preset": args.preset, "cap_gib": args.cap_gib, "simulate_t4": args.simulate_t4,
+              "model": args.model, "max_steps": args.max_steps, "rows": rows, "adapter_folders_mib": folders}
+    (out / f"notebooks_gpu_{args.preset}.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = ["| notebook | preset | backend | peak GiB (process) | peak GiB (training) | steps | seconds | passed |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['notebook']} | {r['preset']} | {r['backend']} | {r['peak_gib']} | {r['train_peak_gib'] or ''} "
+                     f"| {r['steps'] or ''} | {r['seconds']} | {'yes' if r['passed'] else 'NO: ' + r['error'][:200]} |")
+    lines += ["", "| adapter folder (with checkpoints) | MiB |", "|---|---:|"]
+    lines += [f"| {name} | {mib} |" for name, mib in folders.items()]
+    (out / f"notebooks_gpu_{args.preset}.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model folder (e.g. make_model.py's -bnb-4bit folder)")
@@ -126,20 +144,8 @@ def main(argv=None) -> int:
                      "train_peak_gib": results.get("peak_memory_gib"), "steps": results.get("steps"),
                      "seconds": round(seconds, 1), "passed": not error, "error": error, "results": results})
         print(f"{name}: {'passed' if not error else 'FAILED'} in {seconds:.0f}s, peak {peak}", flush=True)
-    # adapter folders and checkpoints the notebooks wrote: what a user's Drive has to hold
-    folders = {str(f.parent.relative_to(work)): round(sum(x.stat().st_size for x in f.parent.rglob("*") if x.is_file())
-                                                     / 2 ** 20, 1) for f in sorted(work.rglob("adapter_config.json"))}
-    report = {"preset": args.preset, "cap_gib": args.cap_gib, "simulate_t4": args.simulate_t4,
-              "model": args.model, "max_steps": args.max_steps, "rows": rows, "adapter_folders_mib": folders}
-    (out / f"notebooks_gpu_{args.preset}.json").write_text(json.dumps(report, indent=2, default=str))
-    lines = ["| notebook | preset | backend | peak GiB (process) | peak GiB (training) | steps | seconds | passed |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['notebook']} | {r['preset']} | {r['backend']} | {r['peak_gib']} | {r['train_peak_gib'] or ''} "
-                     f"| {r['steps'] or ''} | {r['seconds']} | {'yes' if r['passed'] else 'NO: ' + r['error'][:200]} |")
-    lines += ["", "| adapter folder (with checkpoints) | MiB |", "|---|---:|"]
-    lines += [f"| {name} | {mib} |" for name, mib in folders.items()]
-    (out / f"notebooks_gpu_{args.preset}.md").write_text("\n".join(lines) + "\n")
+        write_report(out, work, args, rows)  # after every notebook: a run cut short keeps what it measured
+    lines = write_report(out, work, args, rows)
     print("\n".join(lines))
     return 0 if all(r["passed"] for r in rows) else 1
 
