@@ -296,14 +296,16 @@ def test_llama_8b_numbers():
     est = estimate_memory(cfg, LLAMA_3_1_8B)
     assert 5.0 < est.weights["4-bit"] < 5.6 and 14.9 < est.weights["16-bit"] < 15.0
     assert est.gpu == "T4" and est.verdict == "fits", est.to_text()
-    big = estimate_memory(cfg, LLAMA_3_1_8B, embeddings_trained=True)  # ChatML tokens added to a base Llama
-    assert big.verdict == "too big" and "llama-3.1" in big.suggestion, big.to_text()
+    # ChatML tokens added to a base Llama with `lora.train_embeddings: always`: both matrices trained whole
+    always = cfg.with_overrides({"lora.train_embeddings": "always"})
+    big = estimate_memory(always, LLAMA_3_1_8B, embeddings_trained=True)
+    assert big.verdict == "too big" and "`lora.train_embeddings: auto`" in big.suggestion, big.to_text()
     assert estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", embeddings_trained=True).verdict == "fits"
     # the hf backend under `auto`: new rows of embeddings and head as trainable tokens, the loss through the
     # head's forward (all logits) instead of two 128256 x 4096 matrices with their optimizer states
-    rows = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", embeddings_trained="rows")
-    both = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", embeddings_trained=True)
-    plain = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100")
+    rows = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", backend="hf", embeddings_trained="rows")
+    both = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", backend="hf", embeddings_trained=True)
+    plain = estimate_memory(cfg, LLAMA_3_1_8B, gpu="H100", backend="hf")
     assert "trained embeddings and LM head" not in rows.parts
     tokens = cfg.train.batch_size * cfg.model.max_seq_length
     assert rows.parts["logits and their gradient (*)"] * 1024 ** 3 >= tokens * LLAMA_3_1_8B.vocab * 10
@@ -333,10 +335,13 @@ def test_memory_too_big_is_a_fatal_finding_with_the_fix(tiny, tiny_model_dir):
     template = get_template("chatml")
     prepare_tokenizer(model, tokenizer, template)
     rows = [encode_conversation(tokenizer, template, m) for m in CONVERSATIONS]
-    cfg = RunConfig.preset("colab-t4")
+    cfg = RunConfig.preset("colab-t4", {"lora.train_embeddings": "always"})
     report = preflight(cfg, tokenizer, template, rows, shape=LLAMA_3_1_8B, embeddings_trained=True)
     finding = next(f for f in report.fatal if f.code == "memory_too_big")
-    assert "T4" in finding.message and "`model.chat_template: llama-3.1`" in finding.message
+    assert "T4" in finding.message and "`lora.train_embeddings: auto`" in finding.message
+    rows_only = preflight(cfg.with_overrides({"lora.train_embeddings": "auto"}), tokenizer, template, rows,
+                          shape=LLAMA_3_1_8B, embeddings_trained="rows")
+    assert "memory_too_big" not in _codes(rows_only), rows_only.to_text()
     ok = preflight(cfg, tokenizer, template, rows, shape=LLAMA_3_1_8B, embeddings_trained=False)
     assert ok.ok and "memory" in _codes(ok)
 

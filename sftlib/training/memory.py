@@ -393,6 +393,9 @@ def _suggest(cfg, shape, device, backend, embeddings_trained, gpu_name, gpu_gib)
                 f"(same effective batch of {t.batch_size * t.grad_accum})"), emb
 
     def embeddings(c, emb):
+        if emb is True:  # whole matrices (`always`): the new rows alone take almost nothing
+            c.lora.train_embeddings = "auto"
+            return "`lora.train_embeddings: auto` (only the added tokens' rows are trained)", "rows"
         if emb:
             return ("a chat template whose tokens the tokenizer already has, so no embeddings are trained "
                     "(for Llama 3.x: `model.chat_template: llama-3.1`)"), False
