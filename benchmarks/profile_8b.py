@@ -151,13 +151,19 @@ def main(argv=None) -> int:
     import gpu_bench
     import torch
 
-    os.environ.update(gpu_bench.SETTINGS[a.setting].get("env", {}))
+    setting = gpu_bench.SETTINGS[a.setting]
+    os.environ.update(setting.get("env", {}))
+    if setting.get("cap"):  # as gpu_bench.py caps it: the process sees a GPU of that size
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(setting["cap"] * 2 ** 30 / total)
+        if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
+            os.environ["SFTLIB_GPU_MEMORY_GIB"] = str(setting["cap"])
     wrapped = wrap_loss()
     state: dict = {}
     cb = callback(a.warmup, a.steps, a.profiled, state)
     data = gpu_bench.make_dataset(a.docs, seed=gpu_bench.ARTICLE["seed"])
     total_steps = a.warmup + a.steps + a.profiled
-    trainer, extra = gpu_bench.run_sftlib(a.model, dict(gpu_bench.SETTINGS[a.setting]), data, total_steps,
+    trainer, extra = gpu_bench.run_sftlib(a.model, dict(setting), data, total_steps,
                                           "/tmp/profile-8b", cb)
     marks = cb.marks
     steps = [(t1 - t0, n1 - n0) for (t0, n0), (t1, n1) in zip(marks, marks[1:])]
