@@ -443,6 +443,93 @@ def test_real_sentencepiece_tokenizer_without_tokenizer_model_gives_hf_ids(name,
     assert scores[give[0]] > scores[give[1]]  # SentencePiece's order: G|ive before Gi|ve
 
 
+def _spm_base(arch: str, template: str, root: Path) -> Path:
+    """A base folder as the Hub has them: model, tokenizer.json and the real Llama-2 SentencePiece
+    `tokenizer.model`, for a 1-layer `arch` (the llama2 vocabulary stands in for Gemma's and Phi-3's own:
+    what is under test is the file the converters of those architectures insist on). The chat template's
+    tokens are added first (ids 32000+), as sftlib's training adds them."""
+    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    from sftlib.training.tokenizer import prepare_tokenizer
+
+    tokenizer = _real_spm_tokenizer("llama2", root)
+    small = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, max_position_embeddings=256)
+    config, cls = {"llama": (LlamaConfig(num_key_value_heads=1, **small), LlamaForCausalLM),
+                   "gemma": (GemmaConfig(num_key_value_heads=1, head_dim=8, **small), GemmaForCausalLM),
+                   "phi3": (Phi3Config(num_key_value_heads=2, pad_token_id=0, **small), Phi3ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model = cls(config)
+    info = prepare_tokenizer(model, tokenizer, get_template(template))
+    assert info.added_token_ids and min(info.added_token_ids) >= 32000
+    base = root / "base"  # an architecture word in the name (hence in general.name) sets off llama.cpp's per-model
+    # token lookups, which Phi-3's would fail on this stand-in vocabulary (it has no <|endoftext|>)
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    (base / "tokenizer.model").write_bytes((root / "tok" / "tokenizer.model").read_bytes())
+    return base
+
+
+@pytest.mark.skipif(not (SHARED_FIXTURES / "tokenizers").is_dir(), reason="shared fixtures not present")
+@pytest.mark.parametrize("arch,template", [("gemma", "gemma"), ("phi3", "phi-3"), ("llama", "chatml")])
+def test_sentencepiece_base_keeps_its_tokenizer_model_through_export(arch, template, tmp_path):
+    """transformers 5 saves no tokenizer.model: llama.cpp's Gemma and Phi-3 converters then stop ("Missing
+    tokenizer.model"). sftlib's merged folder carries the base's file, the added tokens listed beside it, and
+    the GGUF tokenizes like transformers, added tokens included."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlib.config import RunConfig
+    from sftlib.exports.api import export
+
+    base = _spm_base(arch, template, tmp_path)
+    if arch != "llama":  # what users met before: the merged folder as transformers alone writes it
+        bare = tmp_path / "bare"
+        AutoModelForCausalLM.from_pretrained(base).save_pretrained(bare)
+        AutoTokenizer.from_pretrained(base).save_pretrained(bare)
+        with pytest.raises(GGUFExportError, match="tokenizer.model"):
+            export_gguf(bare, tmp_path / "bare-gguf", ["f16"], template=template, verify=False, modelfile=False,
+                        log=lambda s: None)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["o_proj", "down_proj"]))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    cfg = RunConfig().with_overrides({"model.name": str(base), "model.chat_template": template})
+    with pytest.warns(UserWarning, match="stopping could not be checked"):  # random weights never end a turn
+        report = export(model.eval(), tokenizer, cfg, ["merged_16bit", "gguf:f16"], out=tmp_path / "out",
+                        max_new_tokens=8, log=lambda s: None)
+    assert report.ok, report.table()
+    merged = Path(report.paths["merged_16bit"])
+    assert (merged / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    assert AutoTokenizer.from_pretrained(merged).get_vocab() == tokenizer.get_vocab()  # the listing loads back as it was
+    f16 = report.items[-1]
+    assert f16.check["token_mismatches"] == [] and f16.check["prompt_parity"] is True, f16.check
+    markers = [t for t in tokenizer.added_tokens_decoder.values() if tokenizer.convert_tokens_to_ids(t.content) >= 32000]
+    texts = ["<s>" + t for t in SPM_STRINGS] + [f"<s>{m.content}Give me a hint.{m.content}\n" for m in markers]
+    llm = llama_cpp.Llama(model_path=report.paths["gguf:f16"], vocab_only=True, verbose=False)
+    try:
+        differ = [describe_mismatch(text, hf, got, tokenizer) for text in texts
+                  if (hf := tokenizer(text, add_special_tokens=False)["input_ids"])
+                  != (got := list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)))]
+    finally:
+        llm.close()
+    assert differ == [], "\n".join(differ)
+
+
+@pytest.mark.skipif(not (SHARED_FIXTURES / "tokenizers").is_dir(), reason="shared fixtures not present")
+def test_save_tokenizer_copies_only_a_sentencepiece_model_that_matches(tmp_path):
+    from sftlib.exports.merged import save_tokenizer
+
+    tokenizer = _real_spm_tokenizer("llama2", tmp_path)
+    save_tokenizer(tokenizer, tmp_path / "spm")
+    assert (tmp_path / "spm" / "tokenizer.model").is_file()
+    tiktoken = tmp_path / "llama3" / "tokenizer.model"  # Llama 3's file has that name and is no SentencePiece model
+    tiktoken.parent.mkdir()
+    tiktoken.write_bytes((SHARED_FIXTURES / "tokenizers" / "llama3_tokenizer.model").read_bytes())
+    tokenizer.vocab_file = str(tiktoken)
+    save_tokenizer(tokenizer, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and not (tmp_path / "out" / "tokenizer.model").exists()
+
+
 def _metadata_scores(path) -> list[float]:
     gguf_py = str(find_toolchain().source_dir / "gguf-py")
     if gguf_py not in sys.path:

@@ -157,7 +157,7 @@ def _write_hf(model, tokenizer, cfg, hf_formats: list[str], gguf: bool, out: Pat
     or into `scratch` when only needed as a step; returns the merged 16-bit folder (None if not written)."""
     import torch
 
-    from sftlib.exports.merged import save_adapters, save_merged, save_merged_4bit
+    from sftlib.exports.merged import save_adapters, save_merged, save_merged_4bit, save_tokenizer
 
     def written(fmt: str, path: Path, t0: float) -> None:
         report.items.append(Output(fmt, str(path), disk_bytes(path), time.time() - t0))
@@ -184,7 +184,7 @@ def _write_hf(model, tokenizer, cfg, hf_formats: list[str], gguf: bool, out: Pat
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         with atomic_dir(merged_dir) as tmp:
             model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         model.to(dtype)
     if "merged_16bit" in hf_formats:
         written("merged_16bit", merged_dir, t0)

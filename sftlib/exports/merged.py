@@ -16,6 +16,11 @@ would lose precision. A base that is stored 4-bit (`unsloth/...-bnb-4bit`) is de
 `merged_16bit` is a plain 16-bit model either way (not a 4-bit one re-quantized around the merge).
 `merged_4bit` is the merged 16-bit model quantized by bitsandbytes to NF4 with double quantization,
 as QLoRA loads a base: it loads with plain transformers where bitsandbytes is installed.
+
+Every folder gets the tokenizer through `save_tokenizer`: transformers 5 writes only tokenizer.json, so a
+tokenizer loaded from a SentencePiece `tokenizer.model` (Llama 2, Mistral, Gemma, Phi-3 bases) gets that
+file copied beside it, with the tokens added after it listed in tokenizer_config.json; llama.cpp's converter needs
+it for Gemma and Phi-3 and takes SentencePiece's own piece scores from it for the others.
 """
 
 from __future__ import annotations
@@ -32,13 +37,50 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """`tokenizer.save_pretrained(folder)`, plus the SentencePiece model it was loaded from (see the module
+    docstring). The copy is made only when that model's pieces are the tokenizer's first ids, one for one;
+    ids after them (tokens added by a chat template) are listed in tokenizer_config.json's
+    `added_tokens_decoder`, which transformers 5 leaves out and the converter reads (special ones become
+    control tokens, as in the HF tokenizer)."""
+    import json
+    import shutil
+
+    tokenizer.save_pretrained(folder)
+    source = Path(getattr(tokenizer, "vocab_file", None) or "")
+    if source.name != "tokenizer.model" or not source.is_file():
+        return
+    try:
+        import sentencepiece
+    except ImportError:  # without it the pieces cannot be checked: tokenizer.json alone, as transformers writes
+        return
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(source))
+    except (RuntimeError, OSError):  # not a SentencePiece model (Llama 3's tokenizer.model is tiktoken's)
+        return
+    pieces = sp.get_piece_size()
+    if tokenizer.convert_ids_to_tokens(list(range(pieces))) != [sp.id_to_piece(i) for i in range(pieces)]:
+        return  # the vocabulary was rebuilt around it: tokenizer.json is the truth
+    folder = Path(folder)
+    if source.resolve() != (folder / "tokenizer.model").resolve():
+        shutil.copyfile(source, folder / "tokenizer.model")
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items() if i >= pieces}
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if added and not config.get("added_tokens_decoder"):
+        config["added_tokens_decoder"] = {str(i): {
+            "content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+            "normalized": t.normalized, "single_word": t.single_word} for i, t in sorted(added.items())}
+        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
 def save_adapters(model, tokenizer, folder: str | Path) -> Path:
     """LoRA adapters (and trained embeddings, when tokens were added) plus the fitted tokenizer."""
     trained = [p for p in model.parameters() if p.requires_grad]
     check_free_space(folder, tensor_bytes(trained), "the LoRA adapters")
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         # The stop tokens of the chat template live in the generation config; adapters alone would lose them.
         model.generation_config.save_pretrained(tmp)
     return Path(folder)
@@ -117,7 +159,7 @@ def save_merged(base_name: str, adapter_folder: str | Path, folder: str | Path, 
     check_free_space(folder, tensor_bytes(merged.state_dict().values()), f"the merged {dtype} model")
     with atomic_dir(folder) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     return Path(folder)
 
 
@@ -146,7 +188,7 @@ def save_merged_4bit(merged_folder: str | Path, folder: str | Path, *, compute_d
     check_free_space(folder, tensor_bytes(p for p in model.parameters()), "the merged 4-bit model")
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if (merged_folder / "generation_config.json").exists():
             GenerationConfig.from_pretrained(merged_folder).save_pretrained(tmp)
     del model

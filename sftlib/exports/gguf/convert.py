@@ -117,18 +117,22 @@ def suggest_pre_tokenizer(model_dir: str | Path) -> str | None:
 
 
 def merge_rank_scores(model_dir: str | Path) -> dict[str, float] | None:
-    """Piece scores for llama.cpp's SentencePiece tokenizer, from tokenizer.json's BPE merges, when the
-    folder has no tokenizer.model (transformers 5 saves only tokenizer.json); None when not needed.
+    """Piece scores for llama.cpp's SentencePiece tokenizer, from tokenizer.json's BPE merges: the order
+    in which the HF tokenizer that training used merges pieces; None when the vocabulary is not that kind.
 
     llama.cpp's "llama" tokenizer merges, at each step, the adjacent pair whose joined piece has the
-    highest score. Without tokenizer.model the converter gives every piece -1000, so it merges left to
-    right ("Give" becomes Gi|ve where SentencePiece and transformers give G|ive). tokenizer.json's merges
-    are in SentencePiece's own order, so piece score = -(rank of the first merge that makes it) restores
-    that order. Pieces no merge makes (single characters, bytes, specials) are never the result of a
-    merge, so their score never decides one; they get one below every merged piece."""
+    highest score. Without tokenizer.model (transformers 5 saves only tokenizer.json) the converter gives
+    every piece -1000, so it merges left to right ("Give" becomes Gi|ve where SentencePiece and
+    transformers give G|ive). tokenizer.json's merges are in merge order, so piece score = -(rank of the
+    first merge that makes it) restores that order. Pieces no merge makes (single characters, bytes,
+    specials) are never the result of a merge, so their score never decides one; they get one below
+    every merged piece. These scores are used with tokenizer.model too: its own scores (which Gemma's and
+    Phi-3's converters read) make llama.cpp split like SentencePiece, and SentencePiece and transformers
+    part ways on runs of spaces (Llama 2's "Hello  world": `▁|▁world` against transformers' `▁▁|world`);
+    training's ids are transformers'."""
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
-    if (model_dir / "tokenizer.model").is_file() or not path.is_file():
+    if not path.is_file():
         return None
     model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
     merges = model.get("merges") or []
