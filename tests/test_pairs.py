@@ -134,6 +134,15 @@ def test_replies_are_cut_to_fit_and_counted(chatml_tokenizer):
     assert cut["chosen_ids"] == whole["chosen_ids"][:5] and cut["chosen_cut"] == len(whole["chosen_ids"]) - 5
     assert cut["rejected_ids"] == whole["rejected_ids"] and cut["rejected_cut"] == 0
     from sftlib.data.encode import EncodeError
+    from sftlib.data.encode_pairs import PromptTooLong, encode_pairs
+    from sftlib.data.pairs import to_pairs
 
-    with pytest.raises(EncodeError, match="the prompt alone is"):
+    with pytest.raises(PromptTooLong, match="the prompt alone is"):
         encode_pair(tokenizer, template, pair, max_length=len(whole["prompt_ids"]))
+    long = {**pair, "prompt": turns(("user", "Hello there! How are you today? " * 3))}
+    limit = len(encode_pair(tokenizer, template, long)["prompt_ids"])
+    assert len(whole["prompt_ids"]) < limit
+    rows, dropped = encode_pairs(to_pairs([long, pair, long]), tokenizer, template, max_length=limit)
+    assert dropped == [0, 2] and len(rows) == 1 and rows[0]["prompt_ids"] == whole["prompt_ids"]
+    with pytest.raises(EncodeError, match="every one of the 2 pairs"):
+        encode_pairs(to_pairs([pair, pair]), tokenizer, template, max_length=len(whole["prompt_ids"]))

@@ -1,11 +1,13 @@
-"""Writes the bundled preference pairs of the demo: the reviews of the SFT demo, answered in one word.
+"""Writes the bundled preference pairs of the demo: the reviews of the SFT demo, answered as a judgement.
 
     python -m sftlib.demo.build_pairs         # rewrites preferences.jsonl (deterministic)
 
 Written by the sftlib authors for the CPU preference demo, in the OpenAI-messages pair layout. The SFT
-demo teaches "The review is positive."; these pairs prefer the one-word label ("Positive.") over that
-sentence (half the pairs) and over the wrong label (the other half). A model tuned on the SFT demo starts
-out preferring its own sentence, so the held-out preference accuracy starts low and has room to rise.
+demo teaches "The review is positive."; these pairs prefer the reply that marks itself as a judgement,
+"The review is positive, I think.", over that sentence (70% of the pairs) and over the same words with the
+wrong label (30%, so the label stays learned). A model tuned on the SFT demo ends its reply after the label,
+so it starts out preferring the rejected replies: the held-out preference accuracy starts low and has room
+to rise, and the preferred replies share the SFT replies' words, so the tuned model still answers sanely.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def make_pair(rng: random.Random) -> dict:
     label, other = ("positive", "negative") if positive else ("negative", "positive")
     messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.3 else []
     messages.append({"role": "user", "content": rng.choice(PROMPTS).format(r=review)})
-    rejected = f"The review is {label}." if rng.random() < 0.5 else f"{other.capitalize()}."
-    return {"messages": messages, "chosen": {"role": "assistant", "content": f"{label.capitalize()}."},
+    rejected = f"The review is {label}." if rng.random() < 0.7 else f"The review is {other}, I think."
+    return {"messages": messages, "chosen": {"role": "assistant", "content": f"The review is {label}, I think."},
             "rejected": {"role": "assistant", "content": rejected}}
 
 
