@@ -74,6 +74,12 @@ def test_dpo_on_the_demo_pairs_raises_held_out_preference_accuracy(tiny_model_di
     assert figs["accuracy_after"] >= 0.85 and figs["accuracy_after"] > figs["accuracy_before"] + 0.2, figs
     assert figs["logp_margin_after"] > figs["logp_margin_before"] and figs["reward_margin"] > 0, figs
     assert result.method == "dpo" and result.train["margins"]
+    from sftlib.exports.card import card_text
+
+    card = card_text(cfg, result)
+    assert card.startswith("# model: a LoRA preference tune (DPO) of ")
+    assert (f"| preference accuracy (chosen scored above rejected) | {figs['accuracy_before']:.0%} | "
+            f"{figs['accuracy_after']:.0%} |") in card
 
 
 def test_preference_settings_are_checked(tmp_path):
