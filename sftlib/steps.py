@@ -344,11 +344,28 @@ def _keep_adapters(model, tokenizer, cfg, log: Log) -> Path | None:
 
 
 
+def summarize(cfg, setup: Setup, data: Data, model, outcome, before: Evaluation | None = None,
+              after: Evaluation | None = None, *, into: RunResult | None = None) -> RunResult:
+    """The RunResult of the steps taken (what `run` returns and the model card shows), for a flow run step by
+    step: pass it to `export(..., result=)`. `before`/`after`: the evaluations around training, if any."""
+    from sftlib.training.lora import trainable_parameters
+
+    result = into or RunResult(
+        backend=setup.backend.name, method=cfg.train.method, notes=setup.notes, template=setup.template.name,
+        added_tokens=setup.tokens.added_tokens, pad_token=setup.tokens.pad_token, train_rows=len(data.train_rows),
+        eval_rows=len(data.eval_rows) if data.eval_rows else 0, truncated_rows=data.truncated_rows,
+        trained_token_share=data.trained_share, trainable_parameters=trainable_parameters(model),
+        train=json.loads(outcome.to_json()), preflight=data.preflight.to_dict() if data.preflight is not None else {})
+    if before is not None and after is not None:
+        result.before, result.after, result.preference = before.loss, after.loss, after.preference
+        result.accuracy_before, result.accuracy_after = before.accuracy, after.accuracy
+    return result
+
+
 def run(cfg, *, log: Log = print, answer_samples: int = 0, show_answers: int = 0, callbacks=None) -> RunResult:
     """Fine-tune as `cfg` says and save the outputs: the six steps in order. Returns a `RunResult`, also written
     to `train.output_dir`/run_result.json; `.model`, `.tokenizer` and `.template_obj` are what was trained."""
     from sftlib.checks.evaluate import side_by_side
-    from sftlib.training.lora import trainable_parameters
 
     main = is_main_process()
     if not main:  # under `accelerate launch`, one process speaks, evaluates and saves
@@ -367,17 +384,11 @@ def run(cfg, *, log: Log = print, answer_samples: int = 0, show_answers: int = 0
         before = evaluate(s.model, s, data, samples=answer_samples, log=log, label="before") if main else Evaluation()
         model = add_adapters(cfg, s, log=log)
     outcome = train(cfg, model, s, data, callbacks=callbacks, log=log)
-    result = RunResult(backend=s.backend.name, method=cfg.train.method, notes=s.notes, template=s.template.name,
-                       added_tokens=s.tokens.added_tokens, pad_token=s.tokens.pad_token,
-                       train_rows=len(data.train_rows), eval_rows=len(data.eval_rows) if data.eval_rows else 0,
-                       truncated_rows=data.truncated_rows, trained_token_share=data.trained_share,
-                       trainable_parameters=trainable_parameters(model), train=json.loads(outcome.to_json()),
-                       preflight=data.preflight.to_dict() if data.preflight is not None else {})
+    result = summarize(cfg, s, data, model, outcome)
     if main:
         after = evaluate(model, s, data, samples=answer_samples, log=log, label="after",
                          reference=before if pairs else None)
-        result.before, result.after, result.preference = before.loss, after.loss, after.preference
-        result.accuracy_before, result.accuracy_after = before.accuracy, after.accuracy
+        summarize(cfg, s, data, model, outcome, before, after, into=result)
         if after.answers:
             log(f"held-out exact answers: {before.accuracy:.0%} before, {after.accuracy:.0%} after "
                 f"({len(after.answers)} conversations)")
