@@ -102,3 +102,35 @@ def test_start_from_a_folder_without_adapters_is_refused(tmp_path):
     s = sftlib.setup(cfg, log=QUIET)
     with pytest.raises(sftlib.SftlibError, match="holds no adapter_config.json"):
         sftlib.add_adapters(cfg, s, log=QUIET)
+
+
+@needs_dpo_demo
+def test_preflight_command_checks_pairs_without_weights(tmp_path, datasets_cache_in_tmp):
+    """`python -m sftlib preflight --set train.method=dpo`: the pairs' checks, on a seeded sample, named by the
+    row numbers of the file's training split."""
+    from sftlib import demo
+    from sftlib.checks.preflight import preflight_from_config
+
+    cfg = config(tmp_path, demo.model_folder(), **{"train.method": "dpo", "data.source": str(DPO_DEMO),
+                                                   "data.eval_size": 0, "model.max_seq_length": 512})
+    report = preflight_from_config(cfg, sample=60)
+    assert report.rows_checked == 60 and report.rows_total == 300
+    dropped = next(f for f in report.findings if f.code == "dropped_pairs").message
+    count = int(dropped.split(" of ")[0])
+    assert dropped.startswith(f"{count} of 60 pairs (rows ") and 0 < count < 60
+    assert {"truncated_pairs", "memory", "lengths"} <= set(report.codes())
+    assert report.previews[0].segments[0] == ("[chosen] ", False)
+
+
+def test_export_checks_prompt_with_the_held_out_pairs(tmp_path):
+    """The export's load-back checks answer the run's own prompts: for pairs, their prompts (held-out first)."""
+    import warnings
+
+    from sftlib.data.pairs import load_pairs
+    from sftlib.exports.reference import config_conversations
+
+    cfg = config(tmp_path, "demo", **{"train.method": "dpo", "data.source": "demo"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to generic prompts
+        prompts = config_conversations(cfg)
+    assert prompts == load_pairs(cfg.data)[1]["prompt"][:3] and prompts[0][-1]["role"] == "user"

@@ -29,16 +29,18 @@ from sftlib.data.encode import IGNORE
 
 def preflight_pairs(cfg, tokenizer, template, pair_rows, *, model=None, backend: str | None = None, gpu=None,
                     embeddings_trained: bool | None = None, shape=None, preview: int = 1,
-                    dropped: list[int] | None = None) -> Report:
-    """The report on encoded pairs; `dropped`: the row numbers sftlib.data.encode_pairs dropped. Rows are named
-    by their number in the pairs before dropping, so that every number points at the same pair."""
+                    dropped: list[int] | None = None, row_numbers: list[int] | None = None) -> Report:
+    """The report on encoded pairs; `dropped`: the row numbers of the pairs sftlib.data.encode_pairs left out.
+    Rows are named by their number in the pairs before dropping (`row_numbers[i]` names `pair_rows[i]`; by
+    default the numbers `dropped` skips), so that every number points at the same pair."""
     limit = cfg.model.max_seq_length
     report = Report(rows_total=len(pair_rows), rows_checked=len(pair_rows), max_seq_length=limit)
     add = report.findings.append
     _check_tokenizer(tokenizer, template, report.findings)
     cut, lost = [], {"chosen": 0, "rejected": 0}
     gone = set(dropped or ())
-    numbers = [i for i in range(len(pair_rows) + len(gone)) if i not in gone]
+    numbers = row_numbers or [i for i in range(len(pair_rows) + len(gone)) if i not in gone]
+    report.rows_checked = report.rows_total = len(pair_rows) + len(gone)
     for k, row in enumerate(pair_rows):
         i = numbers[k]
         prompt = list(row["prompt_ids"])
