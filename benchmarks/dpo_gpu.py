@@ -290,7 +290,8 @@ def write_report(out: Path, rows: list[dict], command: str, smoke: bool) -> None
              f"Command: `{command}`", "",
              f"Settings: LoRA r={s['r']}, alpha={s['alpha']}, 7 modules; batch {s['batch']} x accum {s['accum']}; "
              f"pairs up to {s['max_length']} tokens; lr {s['lr']}, {s['optim']}, beta {s['beta']}, sigmoid loss; "
-             "reference = the starting model through its adapters, no second base. Tokens: both sequences of each pair, non-padding.", "",
+             "reference = the starting model through its adapters, no second base. Tokens: both sequences of each "
+             "pair, non-padding.", "",
              "| contender | device | tokens/s | tokens/step | peak GiB | reserved GiB | first losses | last margin |",
              "|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:

@@ -70,7 +70,7 @@ class Evaluation:
     loss: dict = field(default_factory=dict)        # {"loss", "perplexity", "tokens"}; {} without held-out rows
     answers: list = field(default_factory=list)     # sftlib.checks.evaluate.Answer
     accuracy: float | None = None                   # exact answers that stop, among `answers`
-    pair_logps: list = field(default_factory=list)  # preference runs: (log p(chosen), log p(rejected)) per held-out pair
+    pair_logps: list = field(default_factory=list)  # pairs: (log p(chosen), log p(rejected)) of each held-out pair
     preference: dict = field(default_factory=dict)  # sftlib.checks.preference_eval.preference_figures
 
 
@@ -276,8 +276,9 @@ def train(cfg, model, setup: Setup, data: Data, *, callbacks=None, log: Log = pr
         from sftlib.training.preference import train_pairs as fit
     outcome = fit(cfg, model, setup.tokenizer, data.train_rows, backend=setup.backend, callbacks=callbacks)
     margin = f", reward margin {outcome.margins[-1][1]:.3f}" if getattr(outcome, "margins", None) else ""
-    log(f"trained {outcome.steps} steps ({cfg.train.method}) in {outcome.runtime_s:.1f}s: loss {outcome.first_loss:.3f} "
-        f"-> {outcome.final_loss:.3f}{margin}, {outcome.tokens_per_s:,.0f} tokens/s, peak {outcome.peak_memory_gib:.2f} GiB")
+    log(f"trained {outcome.steps} steps ({cfg.train.method}) in {outcome.runtime_s:.1f}s: loss "
+        f"{outcome.first_loss:.3f} -> {outcome.final_loss:.3f}{margin}, {outcome.tokens_per_s:,.0f} tokens/s, "
+        f"peak {outcome.peak_memory_gib:.2f} GiB")
     if outcome.resumed_from:
         log(f"resumed from {outcome.resumed_from} (`train.resume: {cfg.train.resume}`)")
     return outcome

@@ -72,8 +72,9 @@ def test_bad_rows_are_listed_with_their_row_numbers():
     message = str(err.value)
     assert message.startswith("`pairs.jsonl`: 6 of 7 preference rows (prompt layout) cannot be used")
     for expected in ("row 1: `chosen` equals `rejected`", "row 2: `chosen` is empty (only whitespace)",
-                     "row 3: the prompt ends on a assistant turn", "row 4: `rejected` is missing",
-                     "row 5: `chosen` must be one assistant reply, got user", "row 6: `prompt` turn 0 has the role 'robot'"):
+                     "row 3: the prompt ends on an assistant turn", "row 4: `rejected` is missing",
+                     "row 5: `chosen` must be one assistant reply, got user",
+                     "row 6: `prompt` turn 0 has the role 'robot'"):
         assert expected in message, message
     assert "row 0" not in message
 

@@ -82,15 +82,19 @@ def test_dpo_on_the_demo_pairs_raises_held_out_preference_accuracy(tiny_model_di
             f"{figs['accuracy_after']:.0%} |") in card
 
 
-def test_preference_settings_are_checked(tmp_path):
-    cfg = RunConfig.preset("cpu-demo").with_overrides({"train.method": "orpo", "train.loss_type": "ipo",
-                                                       "train.beta": 0})
+def test_preference_settings_are_checked():
     with pytest.raises(ConfigError) as err:
-        cfg.validate()
-    keys = [p.key for p in err.value.problems]
-    assert keys == ["train.beta", "train.loss_type"], err.value.problems
-    with pytest.raises(ConfigError, match="`train.method` must be one of"):
-        RunConfig.preset("cpu-demo").with_overrides({"train.method": "ppo"}).validate()
+        RunConfig.preset("cpu-demo").with_overrides({"train.method": "orpo", "train.loss_type": "ipo",
+                                                     "train.beta": 0, "train.sft_weight": 1.0})
+    assert [p.key for p in err.value.problems] == ["train.beta", "train.sft_weight", "train.loss_type"], \
+        err.value.problems
+    assert "ORPO's loss has the chosen replies' loss already" in str(err.value)
+    with pytest.raises(ConfigError, match="`train.method` must be one of sft, dpo, orpo"):
+        RunConfig.preset("cpu-demo").with_overrides({"train.method": "ppo"})
+    with pytest.raises(ConfigError, match="is a DPO loss, but `train.method` is `sft`"):
+        RunConfig.preset("cpu-demo").with_overrides({"train.loss_type": "hinge"})
+    RunConfig.preset("cpu-demo").with_overrides({"train.method": "dpo", "train.loss_type": "hinge",
+                                                 "train.sft_weight": 0.5}).validate()
 
 
 def test_start_from_a_folder_without_adapters_is_refused(tmp_path):

@@ -2,7 +2,7 @@
 
     from sftlib.data.pairs import load_pairs, to_pairs
     train_ds, eval_ds = load_pairs(cfg.data)       # what DPO and ORPO train on: source, split, mapping, eval_size, ...
-    ds = to_pairs(rows)                             # columns prompt ([turns]), chosen and rejected ([one assistant turn])
+    ds = to_pairs(rows)                            # columns prompt (turns), chosen, rejected (one reply each)
 
 Layouts (the columns pick one; `data.mapping.messages` names the prompt column when it is called otherwise):
 
@@ -119,8 +119,9 @@ def pair_problem(row: Mapping, layout: str, column: str | None, lay: dict) -> tu
         if not turn["content"].strip():
             return None, f"the prompt's turn {j} ({turn['role']}) is empty"
     if prompt[-1]["role"] != "user":
-        return None, (f"the prompt ends on a {prompt[-1]['role']} turn; it must end on the user's turn that the "
-                      "chosen and rejected replies answer")
+        return None, (f"the prompt ends on {'an' if prompt[-1]['role'] == 'assistant' else 'a'} "
+                      f"{prompt[-1]['role']} turn; it must end on the user's turn that the chosen and rejected "
+                      "replies answer")
     for side in SIDES:
         turns = sides[side]
         if len(turns) != 1 or turns[0]["role"] != "assistant":

@@ -5,7 +5,8 @@
 
 It holds the resolved config (as YAML), the base model, the chat template (name, SHA-256 of its text,
 stop tokens), the dataset (source, split, rows, `datasets` fingerprint), the held-out figures before
-and after (for preference tuning: the preference accuracy and reward margin), training throughput, every output folder with its size, the GGUF files with their checks
+and after (for preference tuning: the preference accuracy and reward margin), training throughput,
+every output folder with its size, the GGUF files with their checks
 when `gguf_report.json` is there, and the package versions. Every line passes through
 `sftlib.tokens.redact`, so a token can never end up in it.
 """

@@ -47,7 +47,8 @@ def _common_args(cfg, backend) -> dict:
         fp16 = not bf16 and cfg.model.dtype != "float32"
     return dict(
         output_dir=t.output_dir, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, optim=t.optim, seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500, report_to=t.report_to if t.report_to != "none" else [],
