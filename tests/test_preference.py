@@ -138,3 +138,24 @@ def test_export_checks_prompt_with_the_held_out_pairs(tmp_path):
         warnings.simplefilter("error")  # no fallback to generic prompts
         prompts = config_conversations(cfg)
     assert prompts == load_pairs(cfg.data)[1]["prompt"][:3] and prompts[0][-1]["role"] == "user"
+
+
+def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Killed while saving checkpoint-6: the run again resumes from checkpoint-3 with the trained adapters and its
+    frozen reference (the checkpoint's `ref/`), and logs the uninterrupted run's losses. (ORPO, with no
+    reference copy, resumes through transformers alone; checked by hand, not here, to keep the suite short.)"""
+    import sftlib
+    from sftlib import demo
+    from sftlib.training.checkpoints import MARKER
+
+    cfg = config(tmp_path, demo.model_folder(), **{
+        "train.method": "dpo", "data.source": "demo", "data.max_rows": 24, "data.eval_size": 0,
+        "train.max_steps": 6, "train.save_steps": 3, "train.batch_size": 4, "train.logging_steps": 1,
+        "train.warmup_steps": 0, "train.learning_rate": 1e-3, "train.resume": "auto"})
+    first = sftlib.run(cfg, log=QUIET)
+    (tmp_path / "out" / "checkpoint-6" / MARKER).unlink()
+    again = sftlib.run(cfg, log=QUIET)
+    assert again.train["resumed_from"].endswith("checkpoint-3")
+    assert [s for s, _ in again.train["losses"]] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in again.train["losses"][3:]] == \
+        pytest.approx([loss for _, loss in first.train["losses"][3:]], rel=1e-4)

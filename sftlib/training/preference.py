@@ -116,6 +116,22 @@ def drop_reference(model) -> None:
         model.delete_adapter(REFERENCE_ADAPTER)
 
 
+def _load_trained_adapters(model, checkpoint: Path) -> None:
+    """Put the checkpoint's trained adapters into `model` before a resumed DPO run. The checkpoint holds them at
+    its top and the reference copy in `ref/`; transformers' resume (5.x) loads only the adapters in subfolders
+    when there are any, which would leave the trained ones at their start: the resumed run would start over
+    against its own reference (a loss of log 2 again). Called after the trainer made its reference copy."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = checkpoint / "adapter_model.safetensors"
+    if weights.is_file() and REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name="default")
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            raise RuntimeError(f"checkpoint `{checkpoint}`: adapter weights not loaded: {missing[:3]}")
+
+
 def train_pairs(cfg, model, tokenizer, pair_rows, *, backend, callbacks=None,
                 resume_from_checkpoint: str | bool | None = None) -> PreferenceResult:
     """Tune `model` (with adapters) on encoded pairs as `train.method` says; `train.output_dir` is held meanwhile."""
@@ -154,6 +170,8 @@ def _train_pairs(cfg, model, tokenizer, pair_rows, *, backend, callbacks, resume
     finally:
         quiet.setLevel(level)
     carry.trainer = trainer
+    if resume is not None and method == "dpo":
+        _load_trained_adapters(model, resume)
     if backend.cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
