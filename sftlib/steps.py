@@ -276,7 +276,8 @@ def train(cfg, model, setup: Setup, data: Data, *, callbacks=None, log: Log = pr
         from sftlib.training.preference import train_pairs as fit
     outcome = fit(cfg, model, setup.tokenizer, data.train_rows, backend=setup.backend, callbacks=callbacks)
     margin = f", reward margin {outcome.margins[-1][1]:.3f}" if getattr(outcome, "margins", None) else ""
-    log(f"trained {outcome.steps} steps ({cfg.train.method}) in {outcome.runtime_s:.1f}s: loss "
+    method = f" ({cfg.train.method})" if cfg.train.method != "sft" else ""  # SFT's line as it always was
+    log(f"trained {outcome.steps} steps{method} in {outcome.runtime_s:.1f}s: loss "
         f"{outcome.first_loss:.3f} -> {outcome.final_loss:.3f}{margin}, {outcome.tokens_per_s:,.0f} tokens/s, "
         f"peak {outcome.peak_memory_gib:.2f} GiB")
     if outcome.resumed_from:
