@@ -2,7 +2,7 @@
 # Everything the GPU host runs, in one go: the random-weight model, the benchmark, the GPU tests.
 #   usage: benchmarks/run_gpu.sh OUT [SECONDS] [RUNS]
 #   OUT: results folder; SECONDS: time budget for the whole script (default 3000); RUNS: gpu_bench.py --runs
-#   GPU_TESTS=0 skips the GPU tests; EXPORT_8B=1 times the 8B export (merge, f16 GGUF, q4_k_m), each verified on one prompt
+#   GPU_TESTS=0 skips the GPU tests; DPO=1 also runs benchmarks/dpo_gpu.py (needs RUNS, which makes the model); EXPORT_8B=1 times the 8B export (merge, f16 GGUF, q4_k_m), each verified on one prompt
 # Needs torch with CUDA, transformers, peft, TRL, bitsandbytes and (for two contenders) unsloth installed;
 # EXPORT_8B also llama-cpp-python (the wheel `python -m sftlib gguf-setup` builds) and its dependency diskcache.
 set -uo pipefail
@@ -40,5 +40,10 @@ if [ -n "$runs" ]; then
   echo "model ready at $((SECONDS - start))s"
   python3 benchmarks/gpu_bench.py --model /tmp/llama-8b-bnb-4bit --out "$out/bench" --runs "$runs" \
     --deadline $(( $(left) - 15 )) --timeout 300
+  if [ "${DPO:-0}" = 1 ]; then
+    timeout $(( $(left) - 15 )) python3 benchmarks/dpo_gpu.py --model /tmp/llama-8b-bnb-4bit --out "$out/dpo" \
+      --timeout 600
+    echo "DPO benchmark done at $((SECONDS - start))s"
+  fi
 fi
 echo "all done at $((SECONDS - start))s"

@@ -6,8 +6,9 @@
     report = sftlib.export(result.model, result.tokenizer, cfg, ["lora", "merged_16bit", "gguf:q4_k_m"])
 
 The package by stage: config/ (schema, validation, presets), data/ (load, detect, check, convert, split,
-templates, encode), training/ (backend, model, tokenizer, LoRA, trainer, checkpoints, memory, autotune),
-checks/ (pre-flight, evaluation), exports/ (api, merged, verify, gguf/, card, modelfile, hub),
+templates, encode; pairs and encode_pairs for preference data), training/ (backend, model, tokenizer, LoRA,
+trainer, preference (DPO/ORPO), checkpoints, memory, autotune), checks/ (pre-flight, evaluation, both also
+for pairs), exports/ (api, merged, verify, gguf/, card, modelfile, hub),
 notebook/ (form, helpers), demo/; steps.py chains them and cli.py is `python -m sftlib`.
 """
 

@@ -12,6 +12,11 @@
 
     result = sftlib.run(cfg)               # the same, in one call
 
+With `train.method: dpo | orpo` the same steps run preference tuning on pairs (prompt, chosen, rejected;
+see sftlib.data.pairs): `prepare_data` encodes the pairs, `evaluate` scores held-out pairs (pass the
+first evaluation as `reference=` to the second for the reward margin), `train` runs TRL's DPO or ORPO
+trainer. `lora.start_from` continues from trained adapters, e.g. an SFT run's.
+
 `python -m sftlib train`, the demo, the notebooks (02_train calls one step per cell) and the tests
 all go through these functions, so there is one copy of the flow. Each step prints what it decided
 through `log`; each module it calls can also be used alone (see their docstrings).
@@ -55,6 +60,7 @@ class Data:
     trained_share: float = 0.0    # of those tokens, the share the loss sees
     truncated_rows: int = 0
     preflight: Any = None         # sftlib.checks.report.Report, or None with `train.preflight: off`
+    beta: float = 0.1             # preference runs: `train.beta`, for the held-out reward margin
 
 
 @dataclass
@@ -64,11 +70,14 @@ class Evaluation:
     loss: dict = field(default_factory=dict)        # {"loss", "perplexity", "tokens"}; {} without held-out rows
     answers: list = field(default_factory=list)     # sftlib.checks.evaluate.Answer
     accuracy: float | None = None                   # exact answers that stop, among `answers`
+    pair_logps: list = field(default_factory=list)  # pairs: (log p(chosen), log p(rejected)) of each held-out pair
+    preference: dict = field(default_factory=dict)  # sftlib.checks.preference_eval.preference_figures
 
 
 @dataclass
 class RunResult:
     backend: str = ""
+    method: str = "sft"
     notes: list[str] = field(default_factory=list)
     template: str = ""
     added_tokens: list[str] = field(default_factory=list)
@@ -85,6 +94,7 @@ class RunResult:
     train: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     preflight: dict = field(default_factory=dict)  # sftlib.checks.report.Report.to_dict()
+    preference: dict = field(default_factory=dict)  # preference runs: held-out figures before and after
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -139,12 +149,19 @@ def setup(cfg, *, load_weights: bool = True, log: Log = print) -> Setup:
     cfg.validate()
     if load_weights:
         output_problems(cfg)  # a folder the run could not write, found now and not after training
-    rows = load_dataset(cfg.data)
-    log(f"data: {len(rows[0])} training rows, {len(rows[1]) if rows[1] is not None else 0} held out")
+    pairs = cfg.train.method != "sft"
+    if pairs:
+        from sftlib.data.pairs import load_pairs
+
+        rows = load_pairs(cfg.data)
+    else:
+        rows = load_dataset(cfg.data)
+    kind = "pairs" if pairs else "rows"
+    log(f"data: {len(rows[0])} training {kind}, {len(rows[1]) if rows[1] is not None else 0} held out")
     chosen = backends.choose_backend(cfg.backend)
     log(str(chosen))
     notes = backends.resolve(cfg, chosen)
-    for ds, split in zip(rows, ("training", "held-out")):  # before minutes of tokenizing, not after
+    for ds, split in zip(rows, ("training", "held-out")) if not pairs else ():  # before minutes of tokenizing
         refuse_overlong(ds, cfg.model.max_seq_length, source=f"`{cfg.data.source}`", split=split)
     template = get_template(cfg.model.chat_template)
     if load_weights:
@@ -170,6 +187,8 @@ def prepare_data(cfg, setup: Setup, *, log: Log = print) -> Data:
 
     from sftlib.data import encode_dataset
 
+    if cfg.train.method != "sft":
+        return _prepare_pairs(cfg, setup, log)
     tokenizer, template, (train_ds, eval_ds) = setup.tokenizer, setup.template, setup.rows
     encode = dict(train_on=cfg.data.train_on, max_length=cfg.model.max_seq_length)
     train_rows = encode_dataset(train_ds, tokenizer, template, **encode)
@@ -212,15 +231,18 @@ def prepare_data(cfg, setup: Setup, *, log: Log = print) -> Data:
 
 
 def evaluate(model, setup: Setup, data: Data, *, samples: int = 0, max_new_tokens: int = 32,
-             log: Log = print, label: str = "") -> Evaluation:
+             log: Log = print, label: str = "", reference: Evaluation | None = None) -> Evaluation:
     """Held-out loss and perplexity of `model` (the base from `setup`, or the trained one), and its greedy
     answers to the first `samples` held-out conversations (exact-answer accuracy among them). Empty
-    without held-out rows."""
+    without held-out rows. Preference runs: the held-out pairs' scores and figures instead of the loss
+    (the reward margin against `reference`, the evaluation before training), answers to their prompts."""
     from sftlib.checks.evaluate import accuracy, answers, heldout_loss
 
     out = Evaluation()
     if data.eval_rows is None:
         return out
+    if "prompt_ids" in data.eval_rows.column_names:
+        return _evaluate_pairs(model, setup, data, out, samples, max_new_tokens, log, label, reference)
     out.loss = heldout_loss(model, data.eval_rows)
     log(f"held-out loss{' ' + label if label else ''}: {out.loss['loss']:.3f} (perplexity {out.loss['perplexity']:.2f})")
     if samples and "messages" in data.eval.column_names:
@@ -234,7 +256,10 @@ def add_adapters(cfg, setup: Setup, *, log: Log = print):
     """`setup.model` wrapped in LoRA adapters as `cfg.lora` says, the rows of the tokens `setup` added trained."""
     from sftlib.training.lora import add_lora, trainable_parameters
 
-    model = add_lora(setup.model, cfg, setup.backend, setup.tokens)
+    if cfg.lora.start_from:
+        model = _load_adapters(cfg, setup, log)
+    else:
+        model = add_lora(setup.model, cfg, setup.backend, setup.tokens)
     if getattr(model, "sftlib_plan", None) is not None:  # `auto` settings: say what was chosen and why
         log(str(model.sftlib_plan))
     count = sum(trainable_parameters(model).values())
@@ -247,9 +272,14 @@ def train(cfg, model, setup: Setup, data: Data, *, callbacks=None, log: Log = pr
     TrainResult (losses, tokens/s, peak memory, the complete checkpoints)."""
     from sftlib.training.trainer import train as fit
 
+    if cfg.train.method != "sft":
+        from sftlib.training.preference import train_pairs as fit
     outcome = fit(cfg, model, setup.tokenizer, data.train_rows, backend=setup.backend, callbacks=callbacks)
-    log(f"trained {outcome.steps} steps in {outcome.runtime_s:.1f}s: loss {outcome.first_loss:.3f} -> "
-        f"{outcome.final_loss:.3f}, {outcome.tokens_per_s:,.0f} tokens/s, peak {outcome.peak_memory_gib:.2f} GiB")
+    margin = f", reward margin {outcome.margins[-1][1]:.3f}" if getattr(outcome, "margins", None) else ""
+    method = f" ({cfg.train.method})" if cfg.train.method != "sft" else ""  # SFT's line as it always was
+    log(f"trained {outcome.steps} steps{method} in {outcome.runtime_s:.1f}s: loss "
+        f"{outcome.first_loss:.3f} -> {outcome.final_loss:.3f}{margin}, {outcome.tokens_per_s:,.0f} tokens/s, "
+        f"peak {outcome.peak_memory_gib:.2f} GiB")
     if outcome.resumed_from:
         log(f"resumed from {outcome.resumed_from} (`train.resume: {cfg.train.resume}`)")
     return outcome
@@ -287,6 +317,9 @@ def export(model, tokenizer, cfg, formats=None, *, out: str | Path | None = None
     return report
 
 
+from sftlib.steps_pairs import _evaluate_pairs, _load_adapters, _prepare_pairs  # noqa: E402  (they use Data)
+
+
 # ---- the whole run ---------------------------------------------------------------------------------------
 
 
@@ -313,11 +346,28 @@ def _keep_adapters(model, tokenizer, cfg, log: Log) -> Path | None:
 
 
 
+def summarize(cfg, setup: Setup, data: Data, model, outcome, before: Evaluation | None = None,
+              after: Evaluation | None = None, *, into: RunResult | None = None) -> RunResult:
+    """The RunResult of the steps taken (what `run` returns and the model card shows), for a flow run step by
+    step: pass it to `export(..., result=)`. `before`/`after`: the evaluations around training, if any."""
+    from sftlib.training.lora import trainable_parameters
+
+    result = into or RunResult(
+        backend=setup.backend.name, method=cfg.train.method, notes=setup.notes, template=setup.template.name,
+        added_tokens=setup.tokens.added_tokens, pad_token=setup.tokens.pad_token, train_rows=len(data.train_rows),
+        eval_rows=len(data.eval_rows) if data.eval_rows else 0, truncated_rows=data.truncated_rows,
+        trained_token_share=data.trained_share, trainable_parameters=trainable_parameters(model),
+        train=json.loads(outcome.to_json()), preflight=data.preflight.to_dict() if data.preflight is not None else {})
+    if before is not None and after is not None:
+        result.before, result.after, result.preference = before.loss, after.loss, after.preference
+        result.accuracy_before, result.accuracy_after = before.accuracy, after.accuracy
+    return result
+
+
 def run(cfg, *, log: Log = print, answer_samples: int = 0, show_answers: int = 0, callbacks=None) -> RunResult:
     """Fine-tune as `cfg` says and save the outputs: the six steps in order. Returns a `RunResult`, also written
     to `train.output_dir`/run_result.json; `.model`, `.tokenizer` and `.template_obj` are what was trained."""
     from sftlib.checks.evaluate import side_by_side
-    from sftlib.training.lora import trainable_parameters
 
     main = is_main_process()
     if not main:  # under `accelerate launch`, one process speaks, evaluates and saves
@@ -328,19 +378,19 @@ def run(cfg, *, log: Log = print, answer_samples: int = 0, show_answers: int = 0
         require_toolchain()
     s = setup(cfg, log=log)
     data = prepare_data(cfg, s, log=log)
-    before = evaluate(s.model, s, data, samples=answer_samples, log=log, label="before") if main else Evaluation()
-    model = add_adapters(cfg, s, log=log)
+    pairs = cfg.train.method != "sft"
+    if pairs:  # "before" is the model as preference tuning starts: with `lora.start_from`, the adapters loaded
+        model = add_adapters(cfg, s, log=log)
+        before = evaluate(model, s, data, samples=answer_samples, log=log, label="before") if main else Evaluation()
+    else:
+        before = evaluate(s.model, s, data, samples=answer_samples, log=log, label="before") if main else Evaluation()
+        model = add_adapters(cfg, s, log=log)
     outcome = train(cfg, model, s, data, callbacks=callbacks, log=log)
-    result = RunResult(backend=s.backend.name, notes=s.notes, template=s.template.name,
-                       added_tokens=s.tokens.added_tokens, pad_token=s.tokens.pad_token,
-                       train_rows=len(data.train_rows), eval_rows=len(data.eval_rows) if data.eval_rows else 0,
-                       truncated_rows=data.truncated_rows, trained_token_share=data.trained_share,
-                       trainable_parameters=trainable_parameters(model), train=json.loads(outcome.to_json()),
-                       preflight=data.preflight.to_dict() if data.preflight is not None else {})
+    result = summarize(cfg, s, data, model, outcome)
     if main:
-        after = evaluate(model, s, data, samples=answer_samples, log=log, label="after")
-        result.before, result.after = before.loss, after.loss
-        result.accuracy_before, result.accuracy_after = before.accuracy, after.accuracy
+        after = evaluate(model, s, data, samples=answer_samples, log=log, label="after",
+                         reference=before if pairs else None)
+        summarize(cfg, s, data, model, outcome, before, after, into=result)
         if after.answers:
             log(f"held-out exact answers: {before.accuracy:.0%} before, {after.accuracy:.0%} after "
                 f"({len(after.answers)} conversations)")

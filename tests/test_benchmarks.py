@@ -12,10 +12,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import data_prep_bench  # noqa: E402
+import dpo_gpu  # noqa: E402
 import gpu_bench  # noqa: E402
 import make_model  # noqa: E402
 
@@ -71,3 +74,25 @@ def test_data_prep_paths_give_the_same_tokens():
     ours = data_prep_bench.sftlib_path(ds, tokenizer, template, num_proc=None)["input_ids"]
     assert article == ours
     assert 300 < sum(map(len, ours)) / len(ours) < 1000
+
+
+def test_dpo_benchmark_pairs_and_contenders_run_on_the_cpu(tmp_path):
+    """benchmarks/dpo_gpu.py's CPU parts: the synthetic pairs, and the sftlib and plain-TRL contenders for a few
+    steps on a tiny model with the same pairs (`--cpu-smoke` runs the same in subprocesses), then the report."""
+    pairs = dpo_gpu.make_pairs(64, vocab=240, max_length=128, low=8)
+    assert pairs["prompt_ids"] == dpo_gpu.make_pairs(64, vocab=240, max_length=128, low=8)["prompt_ids"]
+    for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]):
+        assert len(p) + max(len(c), len(r)) <= 128 and min(p + c + r) >= 8 and max(p + c + r) < 240
+    model = dpo_gpu.tiny_model(tmp_path / "tiny")
+    rows = []
+    for contender, fn in (("sftlib", dpo_gpu.run_sftlib), ("hf", dpo_gpu.run_hf)):
+        timer = dpo_gpu.step_timer(False)
+        history, _ = fn(str(model), dpo_gpu.CPU_SMOKE, pairs, 3, str(tmp_path / contender), timer, False)
+        row = {"contender": contender, "device": "cpu", **dpo_gpu.summarise(timer.marks, history, 1, False)}
+        assert len(timer.marks) == 4 and row["measured_steps"] == 2 and row["tokens_per_s"] > 0, row
+        assert row["first_losses"][0] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy = reference at step 1
+        rows.append(row)
+    # same pairs, same order, same batch: both contenders see the same tokens in each timed step
+    assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"]
+    dpo_gpu.write_report(tmp_path / "out", rows, "python benchmarks/dpo_gpu.py --cpu-smoke", True)
+    assert "| sftlib | cpu |" in (tmp_path / "out" / "dpo_gpu.md").read_text()

@@ -353,6 +353,30 @@ def test_02_train_loss_falls_and_checkpoints_are_written(trained, workdir):
     assert (workdir / trained["adapters"] / "adapter_model.safetensors").exists()
 
 
+@pytest.fixture(scope="module")
+def preferred(trained, workdir):
+    """05 on the CPU demo: the bundled pairs, starting from the adapters 02_train saved (its SFT demo)."""
+    return _execute(workdir, "05_preference", DATA_SOURCE="demo", DATA_SPLIT="train", EVAL_SIZE=40,
+                    START_FROM=trained["adapters"], LEARNING_RATE=3e-4, EPOCHS=3.0, SFT_WEIGHT=1.0)
+
+
+@pytest.mark.notebooks
+def test_05_preference_raises_held_out_preference_accuracy(preferred, trained, workdir):
+    """After the SFT demo the model ends its reply after the label; the pairs prefer "..., I think.": the
+    held-out preference accuracy starts low and rises, the reward margin climbs, the card records it."""
+    figs = preferred["preference"]
+    assert preferred["backend"] == "cpu" and preferred["method"] == "dpo" and preferred["preflight_ok"] is True
+    assert preferred["config"]["lora"]["start_from"] == trained["adapters"]
+    assert figs["pairs"] == 40 and figs["accuracy_before"] <= 0.5, figs
+    assert figs["accuracy_after"] >= 0.8 and figs["accuracy_after"] >= figs["accuracy_before"] + 0.3, figs
+    assert figs["reward_margin"] > 0 and figs["logp_margin_after"] > figs["logp_margin_before"], figs
+    assert preferred["logged_this_run"] == preferred["losses"]  # the live plot saw every logged loss
+    assert preferred["margins"] and preferred["margins"][-1][1] > 0
+    card = (workdir / preferred["outputs"]["lora"]).parent / "README.md"
+    assert (f"| preference accuracy (chosen scored above rejected) | {figs['accuracy_before']:.0%} | "
+            f"{figs['accuracy_after']:.0%} |") in card.read_text()
+
+
 @pytest.mark.notebooks
 def test_02_train_run_again_after_a_crash_resumes(trained, workdir):
     """The session died while checkpoint-30 was being saved: running the notebook again (same settings)
@@ -446,7 +470,7 @@ def test_nbval_reruns_the_notebooks_and_the_checked_cells_agree(data_report, eva
     """nbval --nbval-lax re-runs the executed 01, 03 and 04 in the folder of their runs and compares the
     cells marked `# NBVAL_CHECK_OUTPUT` (sanitized as tests/nbval_sanitize.cfg says).
 
-    00 and 02 are not re-run: their marked cells hold the config and the file list, which their papermill
+    00, 02 and 05 are not re-run: their marked cells hold the config and the file list, which their papermill
     runs above already check, and re-running them would double the training time of this file."""
     order = ["01_data_and_templates", "03_inference_and_eval", "04_export"]
     marked = sum(src.startswith("# NBVAL_CHECK_OUTPUT") for n in order for src in _code_cells(_read(n)))

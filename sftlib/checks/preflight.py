@@ -340,6 +340,8 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
     template = get_template(cfg.model.chat_template)
     tokenizer = load_tokenizer(cfg)
     info = prepare_tokenizer(None, tokenizer, template)  # as training will: missing tokens added, pad != EOS
+    if cfg.train.method != "sft":  # preference pairs: their own checks (sftlib.checks.preflight_pairs)
+        return _pairs_from_config(cfg, tokenizer, template, info, gpu, sample, preview)
     train_ds, _ = load_dataset(cfg.data)
     refuse_overlong(train_ds, cfg.model.max_seq_length, source=f"`{cfg.data.source}`")  # before tokenizing it
     n = len(train_ds)
@@ -359,5 +361,30 @@ def preflight_from_config(cfg, *, gpu=None, sample: int = 2000, preview: int = 3
     report = preflight(cfg, tokenizer, template, rows, raw_rows=subset, shape=shape, gpu=gpu, backend=backend,
                        embeddings_trained=embeddings, sample=len(rows), preview=preview, row_numbers=numbers,
                        tokens=info)
+    report.rows_total = n
+    return report
+
+
+def _pairs_from_config(cfg, tokenizer, template, info, gpu, sample: int, preview: int) -> Report:
+    """preflight_from_config for `train.method: dpo | orpo`: a seeded sample of the training pairs, encoded."""
+    from sftlib.checks.preflight_pairs import preflight_pairs
+    from sftlib.data.encode_pairs import encode_pairs
+    from sftlib.data.pairs import load_pairs
+    from sftlib.training import memory
+
+    train_ds, _ = load_pairs(cfg.data)
+    n = len(train_ds)
+    numbers = sorted(random.Random(0).sample(range(n), min(sample, n)))
+    rows, dropped = encode_pairs(train_ds.select(numbers), tokenizer, template, max_length=cfg.model.max_seq_length)
+    try:
+        shape = shape_of(cfg)
+    except Exception:  # no config.json to read: the memory finding says so
+        shape = None
+    backend = cfg.backend if cfg.backend != "auto" else None
+    embeddings = memory.embeddings_trained_by(cfg, info.resized or info.eos_added, backend)
+    report = preflight_pairs(cfg, tokenizer, template, rows, shape=shape, gpu=gpu, backend=backend,
+                             embeddings_trained=embeddings, preview=min(preview, 1),
+                             dropped=[numbers[i] for i in dropped],
+                             row_numbers=[x for i, x in enumerate(numbers) if i not in set(dropped)])
     report.rows_total = n
     return report

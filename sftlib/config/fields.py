@@ -43,6 +43,10 @@ OPTIMIZERS = (
 )
 GRADIENT_CHECKPOINTING = ("unsloth", "true", "false", "auto")
 PREFLIGHT = ("stop", "warn", "off")
+METHODS = ("sft", "dpo", "orpo")
+# the pairwise DPO losses of TRL's DPOConfig (1.14) that need nothing but beta
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+              "sigmoid_norm")
 EXPORT_FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 # llama.cpp quantization types, in the lower case that Unsloth's `quantization_method` takes.
 GGUF_QUANTIZATIONS = (
@@ -92,6 +96,9 @@ class LoraConfig:
         "vocabulary, e.g. ChatML's on a base model, and an end-of-turn token the base never predicts), saved "
         "as rows, on every backend. `always` = both matrices whole; `never`.",
         choices=TRAIN_EMBEDDINGS)
+    start_from: str = setting("", "Folder of trained LoRA adapters to continue from instead of new ones, e.g. an "
+                              "SFT run's `lora` export before preference tuning it (`train.method: dpo`); empty = "
+                              "new adapters. Its `r`, `alpha` and targets replace the values above.")
 
 
 @dataclass
@@ -114,6 +121,21 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = setting(
+        "sft", "What is trained: `sft` = supervised fine-tuning on conversations; `dpo` or `orpo` = preference "
+        "tuning on pairs (a prompt, a chosen and a rejected reply; see sftlib.data.pairs) with TRL's DPOTrainer or "
+        "ORPOTrainer. DPO's reference is the model as training starts (the base with the adapters off, or "
+        "`lora.start_from`'s adapters kept frozen): no second copy of the base. ORPO needs no reference.",
+        choices=METHODS)
+    beta: float = setting(0.1, "Preference strength (`dpo`, `orpo`): DPO's beta, how strongly the model is held near "
+                          "its reference (lower lets it move further); ORPO's lambda, the weight of the odds-ratio "
+                          "term beside the chosen replies' loss. 0.1 is TRL's default for both.")
+    loss_type: str = setting("sigmoid", "DPO's loss (`dpo` only), as TRL names it: `sigmoid` is the DPO paper's, "
+                             "`ipo`, `hinge`, `robust`, ... its variants.", choices=DPO_LOSSES)
+    sft_weight: float = setting(0.0, "DPO only: weight of a loss on the chosen replies (their mean negative "
+                                "log-likelihood, TRL's `sft` loss) added to the DPO loss, as RPO does; 0 = DPO alone. "
+                                "DPO can lower both replies' likelihood and spoil generation, most on small models "
+                                "and data; 1.0 keeps the chosen replies likely.")
     learning_rate: float = setting(3e-4, "Peak learning rate, in (0, 1].")
     lr_scheduler: str = setting("linear", "Learning-rate schedule after warm-up.", choices=LR_SCHEDULERS)
     batch_size: int = setting(8, "Sequences per device per step.")

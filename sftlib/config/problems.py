@@ -242,6 +242,18 @@ def check(cfg) -> list[Problem]:
     need("train.logging_steps", t.logging_steps >= 1, f"`train.logging_steps` must be >= 1, got {t.logging_steps}")
     need("train.save_steps", t.save_steps >= 0,
          f"`train.save_steps` must be >= 0 (0 = no intermediate checkpoints), got {t.save_steps}")
+    need("train.beta", t.beta > 0, f"`train.beta` must be > 0, got {t.beta}; 0.1 is usual for DPO and ORPO")
+    need("train.sft_weight", t.sft_weight >= 0, f"`train.sft_weight` must be >= 0 (0 = DPO alone), got {t.sft_weight}")
+    if t.method != "dpo" and t.sft_weight:
+        p.append(Problem("train.sft_weight", f"`train.sft_weight` adds a loss to DPO, but `train.method` is "
+                         f"`{t.method}`; set it to 0" + (" (ORPO's loss has the chosen replies' loss already)"
+                                                         if t.method == "orpo" else "")))
+    if t.method == "sft" and t.loss_type != "sigmoid":
+        p.append(Problem("train.loss_type", f"`train.loss_type: {t.loss_type}` is a DPO loss, but `train.method` is "
+                         "`sft`; set `train.method: dpo` or leave `train.loss_type` at `sigmoid`"))
+    if t.method == "orpo" and t.loss_type != "sigmoid":
+        p.append(Problem("train.loss_type", f"`train.loss_type: {t.loss_type}` is a DPO loss; ORPO has one loss: "
+                         "leave it at `sigmoid` or use `train.method: dpo`"))
     need("train.output_dir", t.output_dir.strip() != "", "`train.output_dir` is empty; give a folder such as `outputs`")
     need("train.resume", t.resume.strip() != "", "`train.resume` is empty; use `auto`, `never` or a checkpoint "
          "folder's path")

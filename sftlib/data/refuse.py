@@ -1,4 +1,4 @@
-"""Data that is not supervised fine-tuning data, refused before anything is trained on it.
+"""Data that is not supervised fine-tuning data, refused before anything is trained on it as such.
 
     from sftlib.data.refuse import refuse_preference, refuse_tool_calls
     refuse_preference(rows, mapping, source="`pairs.json`")   # DataError for chosen/rejected pairs or KTO labels
@@ -7,7 +7,8 @@
 Each error says what the rows are, why training on them as conversations would be wrong, and a way out that
 really works: the mapping or the few lines of Python that keep the part sftlib can train on, or another trainer.
 Converting such rows anyway would train on the undesirable replies (KTO), mix or drop one reply of each pair
-(DPO/ORPO), or teach function calls as plain text without the function definitions (tool calling).
+(preference pairs: `train.method: dpo | orpo` trains on them, through sftlib.data.pairs), or teach function
+calls as plain text without the function definitions (tool calling).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ KTO_LABEL_COLUMNS = ("label", "kto_tag")  # TRL's and LLaMA-Factory's names for 
 TOOL_ROLES = ("function_call", "observation", "tool", "function", "ipython", "tool_call", "tool_response")
 TOOL_TURN_KEYS = ("tool_calls", "function_call")  # OpenAI-style calls on an assistant turn
 TOOLS_COLUMNS = ("tools", "functions")  # function definitions, one JSON list per row
-OTHER_TRAINERS = "a preference trainer (DPO or ORPO, e.g. TRL's DPOTrainer)"
+OTHER_TRAINERS = "preference tuning, DPO or ORPO: set `train.method: dpo` (or `orpo`)"
 
 
 def read_columns(mapping: dict) -> set[str]:
@@ -42,8 +43,9 @@ def refuse_preference(ds: datasets.Dataset, mapping: dict, source: str | None = 
     pair = [c for c in PREFERENCE_COLUMNS if c in columns]
     if pair and "chosen" not in reads:
         raise DataError(f"{where}: these rows are preference data ({'/'.join(f'`{c}`' for c in pair)}: a preferred "
-                        "and a dispreferred reply to each prompt); sftlib does supervised fine-tuning on "
-                        f"conversations and does not train on preference pairs. {chosen_advice(ds, mapping)}")
+                        "and a dispreferred reply to each prompt); `train.method: sft` fine-tunes on conversations "
+                        "and does not train on preference pairs: to tune on the pairs, set `train.method: dpo` (or "
+                        f"`orpo`; see sftlib.data.pairs). {chosen_advice(ds, mapping)}")
     for name in KTO_LABEL_COLUMNS:
         labels = bool_labels(ds, name) if name in columns and name not in reads else None
         if labels is None:

@@ -2,9 +2,11 @@
 
     from sftlib import demo
     demo.data_path()        # reviews.jsonl: what `data.source: demo` loads
+    demo.pairs_path()       # preferences.jsonl: what `data.source: demo` loads with `train.method: dpo | orpo`
     demo.model_folder()     # a tiny random Llama and a BPE tokenizer trained on that data: `model.name: demo`
 
-The dataset (short product reviews and their sentiment) is written by `build_data.py` beside it; the
+The dataset (short product reviews and their sentiment) is written by `build_data.py` beside it, the
+preference pairs (the same reviews, a one-word label preferred) by `build_pairs.py`; the
 model is built once into `$SFTLIB_CACHE/demo-model-v1` (default `~/.cache/sftlib`) by sftlib.demo.tiny
 and then loaded with `from_pretrained` like any other folder. `python -m sftlib demo` runs the whole
 flow on them.
@@ -20,6 +22,11 @@ from pathlib import Path
 def data_path() -> Path:
     """The bundled ShareGPT JSONL file that `data.source: demo` loads."""
     return Path(__file__).parent / "reviews.jsonl"
+
+
+def pairs_path() -> Path:
+    """The bundled preference pairs (OpenAI-messages layout) of the preference demo."""
+    return Path(__file__).parent / "preferences.jsonl"
 
 
 def cache_dir() -> Path:

@@ -5,7 +5,8 @@
 
 It holds the resolved config (as YAML), the base model, the chat template (name, SHA-256 of its text,
 stop tokens), the dataset (source, split, rows, `datasets` fingerprint), the held-out figures before
-and after, training throughput, every output folder with its size, the GGUF files with their checks
+and after (for preference tuning: the preference accuracy and reward margin), training throughput,
+every output folder with its size, the GGUF files with their checks
 when `gguf_report.json` is there, and the package versions. Every line passes through
 `sftlib.tokens.redact`, so a token can never end up in it.
 """
@@ -40,7 +41,9 @@ def card_text(cfg, result, *, train_ds=None, template=None) -> str:
     from sftlib.data.templates import get_template
 
     template = template or get_template(cfg.model.chat_template)
-    lines = [f"# {Path(cfg.export.output_dir).name}: a LoRA fine-tune of {cfg.model.name}", "",
+    method = getattr(result, "method", "sft")
+    what = {"sft": "a LoRA fine-tune", "dpo": "a LoRA preference tune (DPO)", "orpo": "a LoRA preference tune (ORPO)"}
+    lines = [f"# {Path(cfg.export.output_dir).name}: {what.get(method, method)} of {cfg.model.name}", "",
              "Made with sftlib. Everything below was recorded by the run itself.", "",
              "## Model and template", "",
              f"- base model: `{cfg.model.name}` (max sequence length {cfg.model.max_seq_length})",
@@ -50,11 +53,18 @@ def card_text(cfg, result, *, train_ds=None, template=None) -> str:
              f"- tokens added to the vocabulary: {', '.join(f'`{t}`' for t in result.added_tokens) or 'none'}; "
              f"pad token `{result.pad_token}`",
              f"- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, rsLoRA={cfg.lora.use_rslora}, "
-             f"DoRA={cfg.lora.use_dora}, modules {', '.join(cfg.lora.target_modules)}", "",
+             f"DoRA={cfg.lora.use_dora}, modules {', '.join(cfg.lora.target_modules)}"
+             + (f"; continued from the adapters in `{cfg.lora.start_from}`" if cfg.lora.start_from else ""), "",
              "## Data", "",
-             f"- source `{cfg.data.source}`, split `{cfg.data.split}`, loss on `{cfg.data.train_on}` tokens",
-             f"- {result.train_rows} training rows, {result.eval_rows} held out, {result.truncated_rows} cut at the "
-             f"maximum length; {result.trained_token_share:.1%} of training tokens trained"]
+             f"- source `{cfg.data.source}`, split `{cfg.data.split}`, loss on `{cfg.data.train_on}` tokens"
+             if method == "sft" else
+             f"- source `{cfg.data.source}`, split `{cfg.data.split}`: preference pairs (prompt, chosen, rejected), "
+             f"`train.method: {method}`, beta {cfg.train.beta}"
+             + (f", loss `{cfg.train.loss_type}`" + (f" + {cfg.train.sft_weight} x SFT on the chosen replies"
+                                                     if cfg.train.sft_weight else "") if method == "dpo" else ""),
+             f"- {result.train_rows} training {'rows' if method == 'sft' else 'pairs'}, {result.eval_rows} held out, "
+             f"{result.truncated_rows} cut at the maximum length; {result.trained_token_share:.1%} of training tokens "
+             f"{'trained' if method == 'sft' else 'in the replies'}"]
     fingerprint = getattr(train_ds, "_fingerprint", None)
     if fingerprint:
         lines.append(f"- `datasets` fingerprint of the training rows: `{fingerprint}`")
@@ -65,6 +75,19 @@ def card_text(cfg, result, *, train_ds=None, template=None) -> str:
                   f"| perplexity | {result.before['perplexity']:.3f} | {result.after['perplexity']:.3f} |"]
         if result.accuracy_after is not None:
             lines.append(f"| exact answers | {result.accuracy_before:.0%} | {result.accuracy_after:.0%} |")
+        lines.append("")
+    figs = getattr(result, "preference", None) or {}
+    if "accuracy_after" in figs:
+        lines += [f"| held-out pairs ({figs['pairs']}) | before | after |", "|---|---:|---:|",
+                  f"| preference accuracy (chosen scored above rejected) | {figs['accuracy_before']:.0%} | "
+                  f"{figs['accuracy_after']:.0%} |",
+                  f"| mean log-probability margin, chosen - rejected | {figs['logp_margin_before']:.3f} | "
+                  f"{figs['logp_margin_after']:.3f} |",
+                  f"| reward margin against the model before training (beta {cfg.train.beta}) | 0 | "
+                  f"{figs['reward_margin']:.3f} |"]
+        if result.accuracy_after is not None:
+            lines.append(f"| replies equal to the chosen ones | {result.accuracy_before:.0%} | "
+                         f"{result.accuracy_after:.0%} |")
         lines.append("")
     train = result.train or {}
     if train:

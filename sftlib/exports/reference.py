@@ -160,16 +160,22 @@ def log_softmax(x):
 
 def config_conversations(cfg, limit: int = 3) -> list[list[dict]] | None:
     """Prompts for the checks from the run's own data (held-out rows first): conversations the
-    fine-tuned model answers, cut before their first assistant turn. None when the data cannot be read."""
+    fine-tuned model answers, cut before their first assistant turn (preference pairs: their prompts). None
+    when the data cannot be read."""
+    pairs = getattr(cfg.train, "method", "sft") != "sft"
     try:
         from sftlib.data import load_dataset
+        from sftlib.data.pairs import load_pairs
 
-        train_ds, eval_ds = load_dataset(cfg.data)
+        train_ds, eval_ds = load_pairs(cfg.data) if pairs else load_dataset(cfg.data)
     except Exception as exc:  # noqa: BLE001 - e.g. a Hub dataset offline: fall back to generic prompts
         warnings.warn(f"export checks use generic prompts: the run's data could not be read ({exc})")
         return None
     out = []
     for ds in (eval_ds, train_ds):
+        if pairs and ds is not None:
+            out += ds.select(range(min(len(ds), limit - len(out))))["prompt"] if len(out) < limit else []
+            continue
         if ds is None or "messages" not in ds.column_names:
             continue
         for messages in ds.select(range(min(len(ds), 50)))["messages"]:
