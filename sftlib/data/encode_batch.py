@@ -9,8 +9,10 @@ batches: in a worker thread the Rust tokenizer takes a thousand texts per call o
 Python renders the next thousand and turns the last into arrays; masks, BOS and truncation are numpy;
 the columns go to Arrow without per-row lists. With `train_on="all"` and a built-in template it renders
 each conversation once (no prompt renders: their checks cannot fail for these templates, see
-`render_whole`) and asks for no character offsets. On 2 cores the tokenizer itself is then nearly all
-of the time (benchmarks/data_prep_bench.py).
+`render_whole`) and asks for no character offsets: the rows where a token crosses an answer's start
+(sftlib.data.boundary) are found by asking the tokenizer about the token at the end of each
+`assistant_prefix` in the text, and only those rows are rendered and tokenized again, cut there. On 2
+cores the tokenizer itself is then nearly all of the time (benchmarks/data_prep_bench.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from sftlib.data.boundary import prepends_space, straddled, tokenize_cut
+from sftlib.data.boundary import crosses, marker_ends, prepends_space, straddled, tokenize_cut
 from sftlib.data.encode import (IGNORE, EncodeError, NoTemplate, adds_bos, bos_prefix, encode_conversation,
                                 mask_labels, render_whole, trained_spans)
 
@@ -134,12 +136,16 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
     special = (tokenizer.bos_token or "", tokenizer.eos_token or "")
     eot = template.end_of_turn_text(tokenizer.eos_token)
     backend = _rust_tokenizer(tokenizer)
-    splits = masked and not prepends_space(tokenizer)  # see sftlib.data.boundary
+    splits = column == "messages" and not prepends_space(tokenizer)  # see sftlib.data.boundary
     parts = []
 
-    def finish(future, spans, texts):
-        cut_rows = splits
-        out_ids, out_offsets = _ids_and_offsets(future.result(), masked)
+    def finish(future, spans, texts, chunk, chunk_indices):
+        cut_rows = splits and masked
+        out = future.result()
+        out_ids, out_offsets = _ids_and_offsets(out, masked)
+        if splits and not masked:
+            out_ids = _cut_unmasked(out, out_ids, texts, spans, chunk, chunk_indices, tokenizer, template,
+                                    template.assistant_prefix if whole_only else None)
         text_lengths = np.fromiter(map(len, texts), np.int64, len(texts))
         while True:  # at most twice: rows with a token across an answer's start are tokenized again, as encode.py does
             n = np.fromiter(map(len, out_ids), np.int64, len(out_ids))
@@ -189,7 +195,8 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
                         spans.append(row_spans)
                 except ValueError as exc:  # the template's or ours: say which row, keep the reason
                     raise EncodeError(f"row {index}: {exc}") from exc
-            submitted = (pool.submit(_tokenize, tokenizer, backend, texts, masked), spans, texts)
+            submitted = (pool.submit(_tokenize, tokenizer, backend, texts, masked), spans, texts, chunk,
+                         indices[first:first + CHUNK_ROWS])
             if pending is not None:
                 finish(*pending)  # Python turns the last chunk into arrays while Rust tokenizes this one
             pending = submitted
@@ -214,6 +221,34 @@ def _tokenize(tokenizer, backend, texts: list[str], offsets: bool):
     if backend is not None:
         return backend.encode_batch(texts, add_special_tokens=False) if texts else []
     return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets) if texts else None
+
+
+def _cut_unmasked(out, ids: list, texts: list[str], spans: list, chunk, chunk_indices, tokenizer, template,
+                  marker: str | None) -> list:
+    """`ids` with the rows where a token crosses an answer's start tokenized again as `tokenize_cut` does
+    (`train_on="all"`: no offsets were asked for). `marker`: the built-in template's `assistant_prefix`,
+    whose ends in the text are the candidate cuts (every prompt ends with it; `spans` is empty then), a
+    crossed one sends the row to `trained_spans` for its real cuts; None: the cuts are the `spans`' starts."""
+    encodings = out if isinstance(out, list) else getattr(out, "encodings", None)
+    if encodings is None:  # no Encoding objects to ask: every row the exact way (only rows with cuts change)
+        redo = range(len(texts))
+    else:
+        redo = [r for r, (encoding, text) in enumerate(zip(encodings, texts))
+                if crosses(encoding, text, marker_ends(text, marker) if marker is not None else
+                           [a for a, _ in spans[r]])]
+    if not redo:
+        return ids
+    ids = list(ids)
+    for r in redo:
+        if marker is None:
+            row_spans = spans[r]
+        else:
+            try:
+                row_spans = trained_spans(template, tokenizer, chunk[r])[1]
+            except ValueError as exc:  # render_whole accepted it, so not expected; said as the rows' errors are
+                raise EncodeError(f"row {chunk_indices[r]}: {exc}") from exc
+        ids[r] = tokenize_cut(tokenizer, texts[r], [a for a, _ in row_spans])[0]
+    return ids
 
 
 def _ids_and_offsets(out, offsets: bool) -> tuple[list, list | None]:
