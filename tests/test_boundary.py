@@ -225,7 +225,7 @@ def test_train_on_all_keeps_each_prompt_a_prefix(tokenizer_kind, name):
 
     template = get_template(name)
     tokenizer = fresh(tokenizer_kind, template)
-    rows = [m if template.supports_system else [t for t in m if t["role"] != "system"] for m in conversations(30, 3)]
+    rows = [m if template.supports_system else [t for t in m if t["role"] != "system"] for m in conversations(20, 3)]
     cases = _prefix_rows(template, rows)
     fast = encode_dataset(Dataset.from_dict({"messages": [c for _, _, c in cases]}), tokenizer, template,
                           train_on="all").to_dict()
@@ -301,3 +301,48 @@ def test_sentencepiece_is_left_as_it_is(tmp_path):
             whole = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert ids[len(ids) - len(whole):] == whole, name
             assert encode_conversation(tokenizer, template, messages, train_on="all")["input_ids"] == ids
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama-3", "alpaca", "mistral-v3"])
+def test_batches_equal_the_reference_with_multibyte_edges(tokenizer_kind, name, monkeypatch):
+    """Answers that start or end with characters of several bytes (split across tokens by byte-level BPE):
+    the batch path's masks, which ask only about the tokens at each span's ends, equal `mask_labels`'s."""
+    import random
+
+    from datasets import Dataset
+
+    from sftlib.data import encode_batch, encode_dataset
+
+    monkeypatch.setattr(encode_batch, "CHUNK_ROWS", 7)
+    template = get_template(name)
+    tokenizer = fresh(tokenizer_kind, template)
+    rng = random.Random(5)
+    edges = ["🙂", "東京", "é", "\u0301", "ß\n", "\n🙂", " 🙂 ", "\t", "x"]
+    rows = [[{"role": "user", "content": rng.choice(WORDS) + rng.choice(edges)},
+             {"role": "assistant", "content": rng.choice(edges) + rng.choice(WORDS) + rng.choice(edges)},
+             {"role": "user", "content": rng.choice(edges)},
+             {"role": "assistant", "content": rng.choice(edges) + rng.choice(edges)}] for _ in range(40)]
+    for train_on in ("assistant", "all"):
+        fast = encode_dataset(Dataset.from_dict({"messages": rows}), tokenizer, template, train_on=train_on).to_dict()
+        reference = [encode_conversation(tokenizer, template, m, train_on=train_on) for m in rows]
+        for key in ("input_ids", "labels"):
+            assert fast[key] == [r[key] for r in reference], (name, train_on, key)
+
+
+@pytest.mark.parametrize("name", ["chatml", "alpaca", "mistral"])
+def test_the_marker_inside_a_message_is_not_taken_for_an_answer(name):
+    """The batch path takes the answers' starts from the ends of `assistant_prefix` in the text only where there
+    are exactly as many as assistant turns; a message quoting the marker sends the row to the prompt renders."""
+    from datasets import Dataset
+
+    from sftlib.data import encode_dataset
+
+    template = get_template(name)
+    tokenizer = fresh("bpe", template)
+    marker = template.assistant_prefix
+    rows = [[{"role": "user", "content": f"say {marker} please"}, {"role": "assistant", "content": f"ok{marker}x"}],
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\nHello"},
+             {"role": "user", "content": marker.strip() or "x"}, {"role": "assistant", "content": marker}]]
+    fast = encode_dataset(Dataset.from_dict({"messages": rows}), tokenizer, template).to_dict()
+    reference = [encode_conversation(tokenizer, template, m) for m in rows]
+    assert fast["labels"] == [r["labels"] for r in reference] and fast["input_ids"] == [r["input_ids"] for r in reference]

@@ -132,7 +132,8 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
     else:
         head, tail = bos_prefix(tokenizer, template), []
         label_head = [IGNORE] * len(head) if masked else None  # None: labels are the input ids
-    whole_only = column == "messages" and not masked and template in TEMPLATES.values()
+    built_in = column == "messages" and template in TEMPLATES.values()
+    whole_only = built_in and not masked
     special = (tokenizer.bos_token or "", tokenizer.eos_token or "")
     eot = template.end_of_turn_text(tokenizer.eos_token)
     backend = _rust_tokenizer(tokenizer)
@@ -140,8 +141,32 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
     parts = []
 
     def finish(future, spans, texts, chunk, chunk_indices):
-        cut_rows = splits and masked
         out = future.result()
+        if masked and isinstance(out, list):  # Rust's Encodings: masks from the tokens at the spans' ends
+            out_ids, mask = _masked_from_encodings(out, texts, spans, splits, tokenizer)
+            n = np.fromiter(map(len, out_ids), np.int64, len(out_ids))
+            body = np.fromiter(itertools.chain.from_iterable(out_ids), np.int64, int(n.sum()))
+            mask = mask(body, n)
+        else:
+            n, body, mask = _ids_and_mask(out, texts, spans, chunk, chunk_indices, masked, splits)
+        sizes, ids = _frame(body, n, head, tail)
+        labels = None
+        if masked:
+            labels = _frame(mask, n, label_head, tail)[1]
+        truncated = sizes > max_length if max_length is not None else np.zeros(len(n), bool)
+        if truncated.any():
+            # what `x[:max_length]` keeps, negative `max_length` included
+            kept = np.maximum(np.minimum(sizes, max_length) if max_length >= 0 else sizes + max_length, 0)
+            keep = np.ones(len(ids), bool)
+            row_starts = _starts(sizes)
+            for r in np.flatnonzero(truncated):
+                keep[row_starts[r] + kept[r]: row_starts[r] + sizes[r]] = False
+            ids, labels, sizes = ids[keep], (labels[keep] if labels is not None else None), kept
+        parts.append((sizes, ids, labels, truncated))
+
+    def _ids_and_mask(out, texts, spans, chunk, chunk_indices, masked, splits):
+        """(row lengths, ids, mask or None) from character offsets (the tokenizer's own call, or no mask)."""
+        cut_rows = splits and masked
         out_ids, out_offsets = _ids_and_offsets(out, masked)
         if splits and not masked:
             out_ids = _cut_unmasked(out, out_ids, texts, spans, chunk, chunk_indices, tokenizer, template,
@@ -162,21 +187,7 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
                 out_ids[r], out_offsets[r] = tokenize_cut(tokenizer, texts[r], [a for a, _ in spans[r]],
                                                           {"input_ids": out_ids[r], "offset_mapping": out_offsets[r]})
             cut_rows = False
-        sizes, ids = _frame(body, n, head, tail)
-        labels = None
-        if masked:
-            mask = _mask_batch(body, n, flat[0::2], flat[1::2], spans, text_lengths)
-            labels = _frame(mask, n, label_head, tail)[1]
-        truncated = sizes > max_length if max_length is not None else np.zeros(len(n), bool)
-        if truncated.any():
-            # what `x[:max_length]` keeps, negative `max_length` included
-            kept = np.maximum(np.minimum(sizes, max_length) if max_length >= 0 else sizes + max_length, 0)
-            keep = np.ones(len(ids), bool)
-            row_starts = _starts(sizes)
-            for r in np.flatnonzero(truncated):
-                keep[row_starts[r] + kept[r]: row_starts[r] + sizes[r]] = False
-            ids, labels, sizes = ids[keep], (labels[keep] if labels is not None else None), kept
-        parts.append((sizes, ids, labels, truncated))
+        return n, body, (_mask_batch(body, n, flat[0::2], flat[1::2], spans, text_lengths) if masked else None)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
@@ -189,6 +200,12 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
                         texts.append(value)
                     elif whole_only:
                         texts.append(render_whole(template, value, *special, eot))
+                    elif built_in:
+                        text = render_whole(template, value, *special, eot)
+                        texts.append(text)
+                        row_spans = _marked_spans(text, value, template, eot)
+                        spans.append(row_spans if row_spans is not None else
+                                     trained_spans(template, tokenizer, value)[1])
                     else:
                         text, row_spans = trained_spans(template, tokenizer, value)
                         texts.append(text)
@@ -223,6 +240,17 @@ def _tokenize(tokenizer, backend, texts: list[str], offsets: bool):
     return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets) if texts else None
 
 
+def _marked_spans(text: str, messages: list[dict], template, eot: str) -> list[tuple[int, int]] | None:
+    """`trained_spans(...)[1]` of a built-in template's rendered `text` with no prompt render, or None (then
+    render them): each assistant turn's prompt is a prefix of the text ending with `assistant_prefix`
+    (tests/test_templates.py holds them to it), so the answers' starts are among the ends of that marker in
+    the text, one per turn; where there are exactly as many ends as assistant turns, they are the starts."""
+    starts = marker_ends(text, template.assistant_prefix)
+    if len(starts) != sum(m["role"] == "assistant" for m in messages):
+        return None
+    return [(a, text.find(eot, a) + len(eot)) for a in starts]
+
+
 def _cut_unmasked(out, ids: list, texts: list[str], spans: list, chunk, chunk_indices, tokenizer, template,
                   marker: str | None) -> list:
     """`ids` with the rows where a token crosses an answer's start tokenized again as `tokenize_cut` does
@@ -249,6 +277,65 @@ def _cut_unmasked(out, ids: list, texts: list[str], spans: list, chunk, chunk_in
                 raise EncodeError(f"row {chunk_indices[r]}: {exc}") from exc
         ids[r] = tokenize_cut(tokenizer, texts[r], [a for a, _ in row_spans])[0]
     return ids
+
+
+def _masked_from_encodings(encodings, texts: list[str], spans: list, splits: bool, tokenizer):
+    """(ids per row, a function of (flat ids, row lengths) giving the flat labels), with no token's offsets
+    read but where a row needs them. A row with a token across an answer's start is tokenized again, cut
+    (`tokenize_cut`, as encode.py does). Elsewhere each span's trained tokens run from the first token holding
+    its first character to the one holding its last (`_span_tokens`), which is what `mask_labels` trains
+    where token starts never go backwards (byte-level BPE, SentencePiece); a row where the two questions
+    cannot settle it is masked by `mask_labels` from all its offsets."""
+    ids = [e.ids for e in encodings]
+    ranges: list[tuple[int, int, int]] = []  # (row, first trained token, past the last)
+    explicit: dict[int, list[int]] = {}
+    for r, (encoding, text, row_spans) in enumerate(zip(encodings, texts, spans)):
+        if not row_spans:
+            continue
+        cuts = [a for a, _ in row_spans]
+        if splits and crosses(encoding, text, cuts):
+            ids[r], offsets = tokenize_cut(tokenizer, text, cuts)
+            explicit[r] = mask_labels(ids[r], offsets, row_spans)
+            continue
+        tokens = _span_tokens(encoding, text, row_spans)
+        if tokens is None:
+            explicit[r] = mask_labels(ids[r], encoding.offsets, row_spans)
+        else:
+            ranges.extend((r, i, j) for i, j in tokens)
+
+    def labels(body: np.ndarray, n: np.ndarray) -> np.ndarray:
+        starts = _starts(n)
+        edges = np.zeros(len(body) + 1, np.int64)
+        if ranges:
+            at = np.array(ranges, np.int64)
+            np.add.at(edges, starts[at[:, 0]] + at[:, 1], 1)
+            np.add.at(edges, starts[at[:, 0]] + at[:, 2], -1)
+        out = np.where(np.cumsum(edges[:-1]) > 0, body, IGNORE)
+        for r, row_labels in explicit.items():
+            out[starts[r]:starts[r] + n[r]] = row_labels
+        return out
+
+    return ids, labels
+
+
+def _span_tokens(encoding, text: str, spans) -> list[tuple[int, int]] | None:
+    """For each span (a, b): (i, j) with tokens i..j-1 the ones `mask_labels` trains for it, asking the encoding
+    only about the tokens at a and b; None where that cannot be settled so (then read every offset). The first
+    token holding character a is the first ending past a (token starts never go backwards); the token holding
+    b - 1, a character below U+0080 (one byte, so one token holds it), is the last starting before b when the
+    token after it starts at b or later. Spans must run left to right without overlapping."""
+    out, last_end, count = [], 0, len(encoding)
+    for a, b in spans:
+        if a < last_end or b <= a or ord(text[b - 1]) >= 0x80:
+            return None
+        last_end = b
+        i, k = encoding.char_to_token(a), encoding.char_to_token(b - 1)
+        if i is None or k is None or k < i:
+            return None
+        if k + 1 < count and encoding.token_to_chars(k + 1)[0] < b:
+            return None
+        out.append((i, k + 1))
+    return out
 
 
 def _ids_and_offsets(out, offsets: bool) -> tuple[list, list | None]:
