@@ -88,28 +88,43 @@ def cache_key(dataset, tokenizer, template, *, train_on: str, max_length: int | 
 
 
 def cached_encode(dataset, tokenizer, template, *, train_on: str = "assistant", max_length: int | None = None,
-                  folder: str | os.PathLike | None = None, log=print):
+                  folder: str | os.PathLike | None = None, log=print, stats: dict | None = None):
     """`encode_dataset(dataset, tokenizer, template, train_on=..., max_length=...)`, reused from the cache
     folder (`folder`, else `cache_folder()`) when an entry with the same key is there, else encoded and
-    saved there. Says which in one line through `log`."""
+    saved there. Says which in one line through `log`. `stats`, if given, gets `reused` (bool), the
+    seconds spent (`key_seconds`, `encode_seconds`, `save_seconds`, `load_seconds`) and the `entry`."""
     from sftlib.data.encode_batch import encode_dataset
 
+    stats = {} if stats is None else stats
+    stats.update(reused=False, entry=None, key_seconds=0.0, encode_seconds=0.0, save_seconds=0.0, load_seconds=0.0)
+    t0 = time.perf_counter()
     root = Path(folder).expanduser() if folder is not None else cache_folder()
     keyed = cache_key(dataset, tokenizer, template, train_on=train_on, max_length=max_length) if root else None
+    stats["key_seconds"] = time.perf_counter() - t0
     if keyed is None:
-        return encode_dataset(dataset, tokenizer, template, train_on=train_on, max_length=max_length)
+        t0 = time.perf_counter()
+        rows = encode_dataset(dataset, tokenizer, template, train_on=train_on, max_length=max_length)
+        stats["encode_seconds"] = time.perf_counter() - t0
+        return rows
     key, parts = keyed
-    entry = root / key
+    entry = stats["entry"] = root / key
     if entry.is_dir():
+        t0 = time.perf_counter()
         rows = _load(entry, log)
+        stats["load_seconds"] = time.perf_counter() - t0
         if rows is not None:
+            stats["reused"] = True
             os.utime(entry)  # used now: kept over older entries
             log(f"encoded rows: reused from the cache {entry} ({len(rows)} rows; same data fingerprint, template, "
                 "tokenizer and settings)")
             return rows
+    t0 = time.perf_counter()
     rows = encode_dataset(dataset, tokenizer, template, train_on=train_on, max_length=max_length)
+    stats["encode_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     try:
         _save(rows, root, key, parts)
+        stats["save_seconds"] = time.perf_counter() - t0
     except OSError as exc:  # a full or read-only disk costs the reuse, not the run
         log(f"encoded rows: not saved to the cache {root} ({exc}); set SFTLIB_ENCODE_CACHE to another folder or `off`")
         return rows
