@@ -11,8 +11,11 @@ the columns go to Arrow without per-row lists. With `train_on="all"` and a built
 each conversation once (no prompt renders: their checks cannot fail for these templates, see
 `render_whole`) and asks for no character offsets: the rows where a token crosses an answer's start
 (sftlib.data.boundary) are found by asking the tokenizer about the token at the end of each
-`assistant_prefix` in the text, and only those rows are rendered and tokenized again, cut there. On 2
-cores the tokenizer itself is then nearly all of the time (benchmarks/data_prep_bench.py).
+`assistant_prefix` in the text, and only those rows are rendered and tokenized again, cut there. With
+`train_on="assistant"` and a built-in template the answers' starts are found the same way (`_marked_spans`,
+prompt renders only where a message quotes the marker), and the masks ask the tokenizer only about the
+tokens at each answer's two ends (`_masked_from_encodings`), not for every token's offsets. On 2 cores the
+tokenizer itself is then most of the time (benchmarks/data_prep_bench.py and its results say how much).
 """
 
 from __future__ import annotations
