@@ -223,16 +223,19 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
         if pending is not None:
             finish(*pending)
 
-    sizes = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-    ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-    labels = np.concatenate([p[2] for p in parts]) if masked and parts else ids
-    if len(ids) >= 2**31:  # Arrow's list offsets are int32
-        raise EncodeError(f"rows {indices[0]}-{indices[-1]} hold {len(ids):,} tokens, more than one Arrow batch can; "
+    total = sum(len(p[1]) for p in parts)
+    if total >= 2**31:  # Arrow's list offsets are int32
+        raise EncodeError(f"rows {indices[0]}-{indices[-1]} hold {total:,} tokens, more than one Arrow batch can; "
                           "pass `max_length` (the training sequence length)")
-    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
-    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
-                     "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
-                     "truncated": pa.array(np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, bool))})
+    # one record batch per chunk, the numpy arrays wrapped without copying them into one first
+    batches = []
+    for sizes, ids, labels, truncated in parts or [(np.zeros(0, np.int64), np.zeros(0, np.int64), None,
+                                                    np.zeros(0, bool))]:
+        offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+        batches.append(pa.record_batch([pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
+                                        pa.ListArray.from_arrays(offsets, pa.array(labels if masked else ids)),
+                                        pa.array(truncated)], names=["input_ids", "labels", "truncated"]))
+    return pa.Table.from_batches(batches)
 
 
 def _tokenize(tokenizer, backend, texts: list[str], offsets: bool):
