@@ -27,6 +27,10 @@ The paths, ChatML, the loss on every token (as in the article):
   for both settings: it must reuse the rows the first runs saved (the cache folder is a fresh temporary one).
 sftlib's runs go through `cached_encode` too, with that fresh folder: each is a first run, and the table
 gives its encoding time (what the target is about) and, apart, the time it took to write the cache entry.
+Before the timed runs each path runs once on 1,000 rows (imports, compiled templates, Rust's thread pool);
+the floor is timed before and after sftlib's runs and their mean is the reference, since other jobs on a
+shared machine change from minute to minute; beside the seconds, the CPU seconds of the process (all its
+threads, and finished worker processes) are given, which such jobs disturb less.
 Token sequences are compared on every row. Results: OUT/data_prep.json and OUT/data_prep.md.
 """
 
