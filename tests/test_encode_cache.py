@@ -99,6 +99,20 @@ def _changed(kind, ds, tokenizer, template, kw):
     return ds, tokenizer, template, kw
 
 
+def test_another_transformers_version_encodes_again(base_tokenizer, folder, monkeypatch):
+    """The renderer and tokenizer libraries are part of the key: rows saved under one version are not reused
+    under another (the same rows come out here, but they need not)."""
+    import transformers
+    from datasets import Dataset
+
+    template = get_template("chatml")
+    tokenizer = _tokenizer(base_tokenizer, template)
+    ds = Dataset.from_dict({"messages": _conversations(10)})
+    assert "saved" in _encode(ds, tokenizer, template)[1][0]
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
+    assert "saved" in _encode(ds, tokenizer, template)[1][0] and len(_entries(folder)) == 2
+
+
 @pytest.mark.parametrize("kind", ["data", "template", "template text", "tokenizer", "train_on", "max_length"])
 def test_each_part_of_the_key_encodes_again(base_tokenizer, folder, kind):
     from datasets import Dataset

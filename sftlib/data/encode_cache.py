@@ -12,8 +12,9 @@ The key is a hash of everything the ids and labels depend on:
 - the tokenizer: a hash of its serialized content (vocabulary, merges, added tokens, normalizer, pre- and
   post-processor) and its BOS/EOS/special-token settings, not its name;
 - the settings: `train_on`, `max_length`, and the column encoded (`messages` or `text`);
-- the encoder itself: a hash of the source of sftlib's encoding modules, so that a change there never
-  reuses rows encoded by the old code.
+- the encoder itself: a hash of the source of sftlib's encoding and template modules, and the versions of
+  transformers (its Jinja renderer), jinja2 and tokenizers, so that a change there never reuses rows encoded
+  by the old code.
 
 Where: `$SFTLIB_ENCODE_CACHE` when set (`off` turns the cache off), else `sftlib-encoded` in the `datasets`
 cache (`$HF_DATASETS_CACHE`, by default `~/.cache/huggingface/datasets`). One folder per key, written by
@@ -63,12 +64,17 @@ def tokenizer_hash(tokenizer) -> str | None:
     return h.hexdigest()
 
 
-def _encoder_source_hash() -> str:
-    from sftlib.data import boundary, encode, encode_batch
+def _encoder_hash() -> str:
+    import jinja2
+    import tokenizers
+    import transformers
+
+    from sftlib.data import boundary, encode, encode_batch, templates
 
     h = hashlib.sha256()
-    for module in (encode, encode_batch, boundary):
+    for module in (encode, encode_batch, boundary, templates):
         h.update(Path(module.__file__).read_bytes())
+    h.update(json.dumps([transformers.__version__, jinja2.__version__, tokenizers.__version__]).encode())
     return h.hexdigest()
 
 
@@ -82,7 +88,7 @@ def cache_key(dataset, tokenizer, template, *, train_on: str, max_length: int | 
     column = "messages" if "messages" in dataset.column_names else "text"
     parts = {"data_fingerprint": fingerprint, "rows": len(dataset), "column": column,
              "template": dataclasses.asdict(template), "tokenizer_sha256": tok, "train_on": train_on,
-             "max_length": max_length, "encoder_sha256": _encoder_source_hash()}
+             "max_length": max_length, "encoder_sha256": _encoder_hash()}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:32]
     return key, parts
 
