@@ -26,6 +26,7 @@ serialized content to hash: its rows are encoded each time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -120,7 +121,8 @@ def cached_encode(dataset, tokenizer, template, *, train_on: str = "assistant", 
         stats["load_seconds"] = time.perf_counter() - t0
         if rows is not None:
             stats["reused"] = True
-            os.utime(entry)  # used now: kept over older entries
+            with contextlib.suppress(OSError):  # a read-only cache is still read
+                os.utime(entry)  # used now: kept over older entries
             log(f"encoded rows: reused from the cache {entry} ({len(rows)} rows; same data fingerprint, template, "
                 "tokenizer and settings)")
             return rows
