@@ -185,14 +185,15 @@ def prepare_data(cfg, setup: Setup, *, log: Log = print) -> Data:
     pre-flight checks (`train.preflight: stop` raises on a fatal finding, after printing the report)."""
     import pyarrow.compute as pc
 
-    from sftlib.data import encode_dataset
+    from sftlib.data.encode_cache import cached_encode
 
     if cfg.train.method != "sft":
         return _prepare_pairs(cfg, setup, log)
     tokenizer, template, (train_ds, eval_ds) = setup.tokenizer, setup.template, setup.rows
-    encode = dict(train_on=cfg.data.train_on, max_length=cfg.model.max_seq_length)
-    train_rows = encode_dataset(train_ds, tokenizer, template, **encode)
-    eval_rows = encode_dataset(eval_ds, tokenizer, template, **encode) if eval_ds is not None else None
+    # a second run on the same data, template, tokenizer and settings loads the rows (sftlib.data.encode_cache)
+    encode = dict(train_on=cfg.data.train_on, max_length=cfg.model.max_seq_length, log=log)
+    train_rows = cached_encode(train_ds, tokenizer, template, **encode)
+    eval_rows = cached_encode(eval_ds, tokenizer, template, **encode) if eval_ds is not None else None
     # counted in Arrow: a Python loop over every label of FineTome-100k takes seconds
     columns = train_rows.with_format("arrow")
     labels = pc.list_flatten(columns["labels"])

@@ -41,8 +41,9 @@ needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason="the shared fixt
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Keep the demo model cache and HF caches inside the test session's temporary folder."""
+    """Keep the demo model cache, the encoded-rows cache and HF caches inside the test session's temporary folder."""
     os.environ.setdefault("SFTLIB_CACHE", str(tmp_path_factory.mktemp("sftlib-cache")))
+    os.environ.setdefault("SFTLIB_ENCODE_CACHE", str(tmp_path_factory.mktemp("sftlib-encoded")))
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
 

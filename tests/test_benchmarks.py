@@ -51,27 +51,13 @@ def test_stand_in_tokenizer_has_llama3_size_and_special_ids():
     assert encoded[0] == 128000 and tok.decode(encoded[1:]) == "The review is positive."
 
 
-def test_data_prep_paths_give_the_same_tokens():
+def test_data_prep_paths_give_the_same_tokens(tmp_path):
     import datasets
 
-    from sftlib.training.tokenizer import prepare_tokenizer
-    from sftlib.data.templates import get_template
-
-    tokenizer, _ = data_prep_bench.llama3_tokenizer()
-    template = get_template("chatml")
-
-    class NoModel:
-        config = type("C", (), {"pad_token_id": None})()
-        generation_config = None
-
-        def get_input_embeddings(self):
-            return type("E", (), {"weight": type("W", (), {"shape": (10 ** 9,)})()})()
-
-    prepare_tokenizer(NoModel(), tokenizer, template)
-    tokenizer.chat_template = data_prep_bench.CHATML
+    tokenizer, template, _ = data_prep_bench._tokenizer_and_template()
     ds = datasets.Dataset.from_list(data_prep_bench.conversations(40, seed=3))
     article = data_prep_bench.article_path(ds, tokenizer, num_proc=None)["input_ids"]
-    ours = data_prep_bench.sftlib_path(ds, tokenizer, template, num_proc=None)["input_ids"]
+    ours = data_prep_bench.sftlib_path(ds, tokenizer, template, tmp_path)["input_ids"]
     assert article == ours
     assert 300 < sum(map(len, ours)) / len(ours) < 1000
 
@@ -96,3 +82,11 @@ def test_dpo_benchmark_pairs_and_contenders_run_on_the_cpu(tmp_path):
     assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"]
     dpo_gpu.write_report(tmp_path / "out", rows, "python benchmarks/dpo_gpu.py --cpu-smoke", True)
     assert "| sftlib | cpu |" in (tmp_path / "out" / "dpo_gpu.md").read_text()
+
+
+def test_data_prep_benchmark_second_run_reuses_the_cache(tmp_path):
+    """The whole benchmark on a few rows: its second run (another process) must reuse both settings' rows."""
+    assert data_prep_bench.main(["--rows", "60", "--no-article", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "data_prep.json").read_text())
+    assert {k: v["reused"] for k, v in result["second_run"].items()} == {"all": True, "assistant": True}
+    assert result["second_run"]["all"]["rows"] == 60 and "reused the cache" in (tmp_path / "data_prep.md").read_text()

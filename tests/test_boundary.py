@@ -200,3 +200,149 @@ def test_preflight_finds_nothing_wrong_with_such_rows(tiny, tiny_model_dir, name
     flagged = [f.code for f in report.findings if f.severity in (FATAL, WARNING)
                and f.code not in ("memory", "memory_tight", "memory_too_big", "pad_is_eos", "no_pad_token")]
     assert not flagged, report.to_text()
+
+
+def _prefix_rows(template, rows):
+    """(conversation, assistant turn i, conversation ending with turn i's answer or the whole one): every
+    place inference starts from, as `test_prompt_is_a_prefix_and_only_the_reply_is_trained` walks them."""
+    out = []
+    for messages in rows:
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                for upto in ([i + 1] if template.system_in_last_turn else [i + 1, len(messages)]):
+                    out.append((messages, i, messages[:upto]))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_train_on_all_keeps_each_prompt_a_prefix(tokenizer_kind, name):
+    """`train_on: all` (the whole text trained) cuts at each answer's start as `assistant` does: the prompt
+    inference builds is a prefix of the training ids, on the batch path and the per-row path, every token
+    trained; rows with no token across an answer's start keep the whole text's ids."""
+    from datasets import Dataset
+
+    from sftlib.data import encode_dataset
+
+    template = get_template(name)
+    tokenizer = fresh(tokenizer_kind, template)
+    rows = [m if template.supports_system else [t for t in m if t["role"] != "system"] for m in conversations(20, 3)]
+    cases = _prefix_rows(template, rows)
+    fast = encode_dataset(Dataset.from_dict({"messages": [c for _, _, c in cases]}), tokenizer, template,
+                          train_on="all").to_dict()
+    cut = 0
+    for (messages, i, upto), ids, labels in zip(cases, fast["input_ids"], fast["labels"]):
+        row = encode_conversation(tokenizer, template, upto, train_on="all")
+        assert row["input_ids"] == ids and row["labels"] == labels == ids, (name, upto)
+        prompt = prompt_ids(tokenizer, template, messages[:i])
+        assert ids[:len(prompt)] == prompt, (name, upto)
+        # the same ids as `train_on: assistant`, which is where the cut came from
+        assert encode_conversation(tokenizer, template, upto)["input_ids"] == ids
+        text = template.render(upto, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+        whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut += ids[len(ids) - len(whole):] != whole
+    # a prompt ending in "\n" before a reply starting with "\n" merges into one token in the whole text
+    assert (cut > 0) == (name in ("alpaca", "chatml", "phi-3", "qwen-2.5")), (name, cut)
+
+
+def test_crosses_reads_the_offsets_as_straddled_does():
+    """`crosses` (two questions to the tokenizer per cut) answers as `straddled` (every offset) at every
+    position of texts with multi-byte characters, runs of whitespace and markers, on the Llama 3 tokenizer."""
+    from sftlib.data.boundary import crosses
+
+    if not LLAMA3_RANKS.is_file():
+        pytest.skip("the Llama 3 ranks fixture is not there")
+    tokenizer = fresh("llama3", get_template("chatml"))
+    texts = ["<|im_start|>user\nhé 🙂 \n\n<|im_end|>\n<|im_start|>assistant\n\n\nÜber  naïve—“q” 🙂🙂\t\n x",
+             "a\n\n\n\n b  \t\n:)\n- ß", "🙂", ""]
+    for text in texts:
+        enc = tokenizer._tokenizer.encode(text, add_special_tokens=False)
+        for c in range(len(text) + 1):
+            assert crosses(enc, text, [c]) == bool(straddled(enc.offsets, [c])), (text, c)
+        assert crosses(enc, text, range(len(text) + 1)) == bool(straddled(enc.offsets, range(len(text) + 1)))
+
+
+def test_marker_ends_finds_overlapping_markers():
+    from sftlib.data.boundary import marker_ends
+
+    marker = get_template("alpaca").assistant_prefix  # "\n\n### Response:\n": it can overlap itself
+    assert marker_ends(marker + "\n### Response:\nx", marker) == [16, 31]
+    assert marker_ends("no marker", marker) == [] and marker_ends("abc", "") == []
+
+
+@pytest.mark.skipif(not (LLAMA3_RANKS.parent / "mistral_v1_tokenizer.model").is_file(),
+                    reason="the SentencePiece fixture is not there")
+def test_sentencepiece_is_left_as_it_is(tmp_path):
+    """A real SentencePiece tokenizer (Mistral v1's) prepends "▁" to every text, so a cut text would not
+    tokenize as its parts: `train_on: all` keeps the whole text's ids there, on both paths."""
+    import json
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from sftlib.data import encode_dataset
+    from sftlib.data.boundary import prepends_space
+
+    (tmp_path / "tokenizer.model").write_bytes((LLAMA3_RANKS.parent / "mistral_v1_tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True}))
+    base = AutoTokenizer.from_pretrained(tmp_path)
+    assert prepends_space(base)
+    import copy
+
+    for name in ("chatml", "alpaca", "mistral"):
+        template = get_template(name)
+        tokenizer = copy.deepcopy(base)
+        prepare_tokenizer(None, tokenizer, template)
+        rows = conversations(20, 4)
+        fast = encode_dataset(Dataset.from_dict({"messages": rows}), tokenizer, template, train_on="all")
+        for messages, ids in zip(rows, fast["input_ids"]):
+            text = template.render(messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+            whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert ids[len(ids) - len(whole):] == whole, name
+            assert encode_conversation(tokenizer, template, messages, train_on="all")["input_ids"] == ids
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama-3", "alpaca", "mistral-v3"])
+def test_batches_equal_the_reference_with_multibyte_edges(tokenizer_kind, name, monkeypatch):
+    """Answers that start or end with characters of several bytes (split across tokens by byte-level BPE):
+    the batch path's masks, which ask only about the tokens at each span's ends, equal `mask_labels`'s."""
+    import random
+
+    from datasets import Dataset
+
+    from sftlib.data import encode_batch, encode_dataset
+
+    monkeypatch.setattr(encode_batch, "CHUNK_ROWS", 7)
+    template = get_template(name)
+    tokenizer = fresh(tokenizer_kind, template)
+    rng = random.Random(5)
+    edges = ["🙂", "東京", "é", "\u0301", "ß\n", "\n🙂", " 🙂 ", "\t", "x"]
+    rows = [[{"role": "user", "content": rng.choice(WORDS) + rng.choice(edges)},
+             {"role": "assistant", "content": rng.choice(edges) + rng.choice(WORDS) + rng.choice(edges)},
+             {"role": "user", "content": rng.choice(edges)},
+             {"role": "assistant", "content": rng.choice(edges) + rng.choice(edges)}] for _ in range(24)]
+    for train_on in ("assistant", "all"):
+        fast = encode_dataset(Dataset.from_dict({"messages": rows}), tokenizer, template, train_on=train_on).to_dict()
+        reference = [encode_conversation(tokenizer, template, m, train_on=train_on) for m in rows]
+        for key in ("input_ids", "labels"):
+            assert fast[key] == [r[key] for r in reference], (name, train_on, key)
+
+
+@pytest.mark.parametrize("name", ["chatml", "alpaca", "mistral"])
+def test_the_marker_inside_a_message_is_not_taken_for_an_answer(name):
+    """The batch path takes the answers' starts from the ends of `assistant_prefix` in the text only where there
+    are exactly as many as assistant turns; a message quoting the marker sends the row to the prompt renders."""
+    from datasets import Dataset
+
+    from sftlib.data import encode_dataset
+
+    template = get_template(name)
+    tokenizer = fresh("bpe", template)
+    marker = template.assistant_prefix
+    rows = [[{"role": "user", "content": f"say {marker} please"}, {"role": "assistant", "content": f"ok{marker}x"}],
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\nHello"},
+             {"role": "user", "content": marker.strip() or "x"}, {"role": "assistant", "content": marker}]]
+    fast = encode_dataset(Dataset.from_dict({"messages": rows}), tokenizer, template).to_dict()
+    reference = [encode_conversation(tokenizer, template, m) for m in rows]
+    assert fast["labels"] == [r["labels"] for r in reference] and fast["input_ids"] == [r["input_ids"] for r in reference]

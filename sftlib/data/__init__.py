@@ -13,9 +13,10 @@
 One job a module: load.py (files, folders, the Hub), detect.py (which layout), check.py (every row, with
 its row number), refuse.py (preference, KTO and tool-calling data, which are not SFT data), convert.py (to
 `messages`), split.py (held-out rows), dataset.py (all together);
-templates.py renders conversations and encode.py turns them into token ids and loss labels. Preference
-pairs (`train.method: dpo | orpo`): pairs.py (layouts, row checks, `load_pairs`) and encode_pairs.py (the
-same rendering and mask, per reply).
+templates.py renders conversations and encode.py turns them into token ids and loss labels (encode_batch.py
+for a whole dataset; encode_cache.py keeps them on disk for the next run on the same data and settings).
+Preference pairs (`train.method: dpo | orpo`): pairs.py (layouts, row checks, `load_pairs`) and
+encode_pairs.py (the same rendering and mask, per reply).
 """
 
 from sftlib.data.check import MAX_SHOWN

@@ -3,6 +3,8 @@
     from sftlib.data.boundary import tokenize_cut
     ids, offsets = tokenize_cut(tokenizer, text, cuts=[start of each assistant turn])
 
+Both `train_on` settings go through it (`assistant` and `all` give the same ids; only the labels differ).
+
 Why: byte-level BPE (Llama 3, Qwen, GPT-2 style) merges runs of newlines and some punctuation with a
 newline into one token. A reply that starts with "\\n" after a prompt that ends with "\\n" (ChatML's
 "<|im_start|>assistant\\n", Alpaca's "### Response:\\n") then tokenizes as one "\\n\\n" token that holds
@@ -16,6 +18,11 @@ prompt's ids and the reply's leading "\\n" is a token of its own, trained as par
 without such a token keep the ids of the whole text. Tokenizers that add a space in front of every text
 (SentencePiece's "▁" prefix) are left as they are: a part tokenized alone would gain a space, and they
 keep whitespace out of their merges across a marker anyway.
+
+The batch encoder (sftlib.data.encode_batch) finds the few rows to cut without asking for every token's
+offsets: `crosses` asks the tokenizer's encoding only about the token at each cut, and with a built-in
+template the candidate cuts are the ends of its `assistant_prefix` in the text (`marker_ends`), a superset
+of the answers' starts that needs no prompt render.
 """
 
 from __future__ import annotations
@@ -37,6 +44,30 @@ def straddled(offsets, cuts) -> list[int]:
         k = bisect.bisect_left(starts, c) - 1  # the last token starting before the cut
         if k >= 0 and reach[k] > c:
             out.append(c)
+    return out
+
+
+def crosses(encoding, text: str, cuts) -> bool:
+    """`bool(straddled(encoding.offsets, cuts))` for a `tokenizers.Encoding` of `text`, asking only about the
+    token holding the character before each cut. A character below U+0080 is one byte, so exactly one token
+    holds it, and a token crosses the cut exactly when that one ends past it; for any other character (or
+    one no token holds, where offsets are trimmed) every offset is read as `straddled` reads them."""
+    cuts = [c for c in cuts if 0 < c < len(text)]
+    for c in cuts:
+        t = encoding.char_to_token(c - 1) if ord(text[c - 1]) < 0x80 else None
+        if t is None:
+            return bool(straddled(encoding.offsets, cuts))
+        if encoding.token_to_chars(t)[1] > c:
+            return True
+    return False
+
+
+def marker_ends(text: str, marker: str) -> list[int]:
+    """Where each occurrence of `marker` in `text` ends, left to right (overlapping ones too)."""
+    out, i = [], text.find(marker) if marker else -1
+    while i >= 0:
+        out.append(i + len(marker))
+        i = text.find(marker, i + 1)
     return out
 
 

@@ -8,7 +8,8 @@ How the mask is found: the template renders the conversation once. For each assi
 text rendered for `messages[:i]` with the generation prompt (`ChatTemplate.turn_prompt`) must be a prefix of it; the trained span
 starts right after that prefix and ends after the first end-of-turn token that follows. The text is
 tokenized once, with character offsets (cut apart at an answer's start where a token would cross it,
-see sftlib.data.boundary), and a token is trained when it overlaps a trained span. So
+see sftlib.data.boundary; with `train_on="all"` too, so that each prompt's ids start the training ids
+there as well), and a token is trained when it overlaps a trained span. So
 the assistant's words *and* its end-of-turn token are trained (the model learns to stop), and
 nothing depends on guessing marker strings or token ids.
 
@@ -134,12 +135,10 @@ def encode_conversation(
         labels = list(ids)
     else:
         rendered, spans = trained_spans(template, tokenizer, messages)
-        if train_on == "all":  # the rendered text as one text, every token trained (the article's setting)
-            ids = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-            labels = list(ids)
-        else:  # no token across an answer's start: training ids start with each prompt's ids (boundary.py)
-            ids, offsets = tokenize_cut(tokenizer, rendered, [s for s, _ in spans])
-            labels = mask_labels(ids, offsets, spans)
+        # no token across an answer's start: training ids start with each prompt's ids (boundary.py), with
+        # either setting; `all` trains every token (the article's setting)
+        ids, offsets = tokenize_cut(tokenizer, rendered, [s for s, _ in spans])
+        labels = list(ids) if train_on == "all" else mask_labels(ids, offsets, spans)
         prefix = bos_prefix(tokenizer, template)
         ids = prefix + ids
         labels = [IGNORE] * len(prefix) + labels if train_on != "all" else prefix + labels
@@ -172,7 +171,7 @@ class NoTemplate:
 def prompt_ids(tokenizer, template, messages: list[dict]) -> list[int]:
     """Token ids of a conversation followed by the assistant prefix: what generation starts from.
 
-    Tokenized as training tokenizes it (`train_on="assistant"`): no token across the start of an earlier
+    Tokenized as training tokenizes it (either `train_on`): no token across the start of an earlier
     answer, so these ids are a prefix of the training ids of `messages` plus the answer."""
     text = render(template, tokenizer, messages, add_generation_prompt=True)
     kw = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}

@@ -9,8 +9,13 @@ batches: in a worker thread the Rust tokenizer takes a thousand texts per call o
 Python renders the next thousand and turns the last into arrays; masks, BOS and truncation are numpy;
 the columns go to Arrow without per-row lists. With `train_on="all"` and a built-in template it renders
 each conversation once (no prompt renders: their checks cannot fail for these templates, see
-`render_whole`) and asks for no character offsets. On 2 cores the tokenizer itself is then nearly all
-of the time (benchmarks/data_prep_bench.py).
+`render_whole`) and asks for no character offsets: the rows where a token crosses an answer's start
+(sftlib.data.boundary) are found by asking the tokenizer about the token at the end of each
+`assistant_prefix` in the text, and only those rows are rendered and tokenized again, cut there. With
+`train_on="assistant"` and a built-in template the answers' starts are found the same way (`_marked_spans`,
+prompt renders only where a message quotes the marker), and the masks ask the tokenizer only about the
+tokens at each answer's two ends (`_masked_from_encodings`), not for every token's offsets. On 2 cores the
+tokenizer itself is then most of the time (benchmarks/data_prep_bench.py and its results say how much).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from sftlib.data.boundary import prepends_space, straddled, tokenize_cut
+from sftlib.data.boundary import crosses, marker_ends, prepends_space, straddled, tokenize_cut
 from sftlib.data.encode import (IGNORE, EncodeError, NoTemplate, adds_bos, bos_prefix, encode_conversation,
                                 mask_labels, render_whole, trained_spans)
 
@@ -130,16 +135,45 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
     else:
         head, tail = bos_prefix(tokenizer, template), []
         label_head = [IGNORE] * len(head) if masked else None  # None: labels are the input ids
-    whole_only = column == "messages" and not masked and template in TEMPLATES.values()
+    built_in = column == "messages" and template in TEMPLATES.values()
+    whole_only = built_in and not masked
     special = (tokenizer.bos_token or "", tokenizer.eos_token or "")
     eot = template.end_of_turn_text(tokenizer.eos_token)
     backend = _rust_tokenizer(tokenizer)
-    splits = masked and not prepends_space(tokenizer)  # see sftlib.data.boundary
+    splits = column == "messages" and not prepends_space(tokenizer)  # see sftlib.data.boundary
     parts = []
 
-    def finish(future, spans, texts):
-        cut_rows = splits
-        out_ids, out_offsets = _ids_and_offsets(future.result(), masked)
+    def finish(future, spans, texts, chunk, chunk_indices):
+        out = future.result()
+        if masked and isinstance(out, list):  # Rust's Encodings: masks from the tokens at the spans' ends
+            out_ids, mask = _masked_from_encodings(out, texts, spans, splits, tokenizer)
+            n = np.fromiter(map(len, out_ids), np.int64, len(out_ids))
+            body = np.fromiter(itertools.chain.from_iterable(out_ids), np.int64, int(n.sum()))
+            mask = mask(body, n)
+        else:
+            n, body, mask = _ids_and_mask(out, texts, spans, chunk, chunk_indices, masked, splits)
+        sizes, ids = _frame(body, n, head, tail)
+        labels = None
+        if masked:
+            labels = _frame(mask, n, label_head, tail)[1]
+        truncated = sizes > max_length if max_length is not None else np.zeros(len(n), bool)
+        if truncated.any():
+            # what `x[:max_length]` keeps, negative `max_length` included
+            kept = np.maximum(np.minimum(sizes, max_length) if max_length >= 0 else sizes + max_length, 0)
+            keep = np.ones(len(ids), bool)
+            row_starts = _starts(sizes)
+            for r in np.flatnonzero(truncated):
+                keep[row_starts[r] + kept[r]: row_starts[r] + sizes[r]] = False
+            ids, labels, sizes = ids[keep], (labels[keep] if labels is not None else None), kept
+        parts.append((sizes, ids, labels, truncated))
+
+    def _ids_and_mask(out, texts, spans, chunk, chunk_indices, masked, splits):
+        """(row lengths, ids, mask or None) from character offsets (the tokenizer's own call, or no mask)."""
+        cut_rows = splits and masked
+        out_ids, out_offsets = _ids_and_offsets(out, masked)
+        if splits and not masked:
+            out_ids = _cut_unmasked(out, out_ids, texts, spans, chunk, chunk_indices, tokenizer, template,
+                                    template.assistant_prefix if whole_only else None)
         text_lengths = np.fromiter(map(len, texts), np.int64, len(texts))
         while True:  # at most twice: rows with a token across an answer's start are tokenized again, as encode.py does
             n = np.fromiter(map(len, out_ids), np.int64, len(out_ids))
@@ -156,21 +190,7 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
                 out_ids[r], out_offsets[r] = tokenize_cut(tokenizer, texts[r], [a for a, _ in spans[r]],
                                                           {"input_ids": out_ids[r], "offset_mapping": out_offsets[r]})
             cut_rows = False
-        sizes, ids = _frame(body, n, head, tail)
-        labels = None
-        if masked:
-            mask = _mask_batch(body, n, flat[0::2], flat[1::2], spans, text_lengths)
-            labels = _frame(mask, n, label_head, tail)[1]
-        truncated = sizes > max_length if max_length is not None else np.zeros(len(n), bool)
-        if truncated.any():
-            # what `x[:max_length]` keeps, negative `max_length` included
-            kept = np.maximum(np.minimum(sizes, max_length) if max_length >= 0 else sizes + max_length, 0)
-            keep = np.ones(len(ids), bool)
-            row_starts = _starts(sizes)
-            for r in np.flatnonzero(truncated):
-                keep[row_starts[r] + kept[r]: row_starts[r] + sizes[r]] = False
-            ids, labels, sizes = ids[keep], (labels[keep] if labels is not None else None), kept
-        parts.append((sizes, ids, labels, truncated))
+        return n, body, (_mask_batch(body, n, flat[0::2], flat[1::2], spans, text_lengths) if masked else None)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
@@ -183,29 +203,39 @@ def _encode_batch(batch, indices: list[int], tokenizer, template, column: str, t
                         texts.append(value)
                     elif whole_only:
                         texts.append(render_whole(template, value, *special, eot))
+                    elif built_in:
+                        text = render_whole(template, value, *special, eot)
+                        texts.append(text)
+                        row_spans = _marked_spans(text, value, template, eot)
+                        spans.append(row_spans if row_spans is not None else
+                                     trained_spans(template, tokenizer, value)[1])
                     else:
                         text, row_spans = trained_spans(template, tokenizer, value)
                         texts.append(text)
                         spans.append(row_spans)
                 except ValueError as exc:  # the template's or ours: say which row, keep the reason
                     raise EncodeError(f"row {index}: {exc}") from exc
-            submitted = (pool.submit(_tokenize, tokenizer, backend, texts, masked), spans, texts)
+            submitted = (pool.submit(_tokenize, tokenizer, backend, texts, masked), spans, texts, chunk,
+                         indices[first:first + CHUNK_ROWS])
             if pending is not None:
                 finish(*pending)  # Python turns the last chunk into arrays while Rust tokenizes this one
             pending = submitted
         if pending is not None:
             finish(*pending)
 
-    sizes = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-    ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-    labels = np.concatenate([p[2] for p in parts]) if masked and parts else ids
-    if len(ids) >= 2**31:  # Arrow's list offsets are int32
-        raise EncodeError(f"rows {indices[0]}-{indices[-1]} hold {len(ids):,} tokens, more than one Arrow batch can; "
+    total = sum(len(p[1]) for p in parts)
+    if total >= 2**31:  # Arrow's list offsets are int32
+        raise EncodeError(f"rows {indices[0]}-{indices[-1]} hold {total:,} tokens, more than one Arrow batch can; "
                           "pass `max_length` (the training sequence length)")
-    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
-    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
-                     "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
-                     "truncated": pa.array(np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, bool))})
+    # one record batch per chunk, the numpy arrays wrapped without copying them into one first
+    batches = []
+    for sizes, ids, labels, truncated in parts or [(np.zeros(0, np.int64), np.zeros(0, np.int64), None,
+                                                    np.zeros(0, bool))]:
+        offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+        batches.append(pa.record_batch([pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
+                                        pa.ListArray.from_arrays(offsets, pa.array(labels if masked else ids)),
+                                        pa.array(truncated)], names=["input_ids", "labels", "truncated"]))
+    return pa.Table.from_batches(batches)
 
 
 def _tokenize(tokenizer, backend, texts: list[str], offsets: bool):
@@ -214,6 +244,104 @@ def _tokenize(tokenizer, backend, texts: list[str], offsets: bool):
     if backend is not None:
         return backend.encode_batch(texts, add_special_tokens=False) if texts else []
     return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets) if texts else None
+
+
+def _marked_spans(text: str, messages: list[dict], template, eot: str) -> list[tuple[int, int]] | None:
+    """`trained_spans(...)[1]` of a built-in template's rendered `text` with no prompt render, or None (then
+    render them): each assistant turn's prompt is a prefix of the text ending with `assistant_prefix`
+    (tests/test_templates.py holds them to it), so the answers' starts are among the ends of that marker in
+    the text, one per turn; where there are exactly as many ends as assistant turns, they are the starts."""
+    starts = marker_ends(text, template.assistant_prefix)
+    if len(starts) != sum(m["role"] == "assistant" for m in messages):
+        return None
+    return [(a, text.find(eot, a) + len(eot)) for a in starts]
+
+
+def _cut_unmasked(out, ids: list, texts: list[str], spans: list, chunk, chunk_indices, tokenizer, template,
+                  marker: str | None) -> list:
+    """`ids` with the rows where a token crosses an answer's start tokenized again as `tokenize_cut` does
+    (`train_on="all"`: no offsets were asked for). `marker`: the built-in template's `assistant_prefix`,
+    whose ends in the text are the candidate cuts (every prompt ends with it; `spans` is empty then), a
+    crossed one sends the row to `trained_spans` for its real cuts; None: the cuts are the `spans`' starts."""
+    encodings = out if isinstance(out, list) else getattr(out, "encodings", None)
+    if encodings is None:  # no Encoding objects to ask: every row the exact way (only rows with cuts change)
+        redo = range(len(texts))
+    else:
+        redo = [r for r, (encoding, text) in enumerate(zip(encodings, texts))
+                if crosses(encoding, text, marker_ends(text, marker) if marker is not None else
+                           [a for a, _ in spans[r]])]
+    if not redo:
+        return ids
+    ids = list(ids)
+    for r in redo:
+        if marker is None:
+            row_spans = spans[r]
+        else:
+            try:
+                row_spans = trained_spans(template, tokenizer, chunk[r])[1]
+            except ValueError as exc:  # render_whole accepted it, so not expected; said as the rows' errors are
+                raise EncodeError(f"row {chunk_indices[r]}: {exc}") from exc
+        ids[r] = tokenize_cut(tokenizer, texts[r], [a for a, _ in row_spans])[0]
+    return ids
+
+
+def _masked_from_encodings(encodings, texts: list[str], spans: list, splits: bool, tokenizer):
+    """(ids per row, a function of (flat ids, row lengths) giving the flat labels), with no token's offsets
+    read but where a row needs them. A row with a token across an answer's start is tokenized again, cut
+    (`tokenize_cut`, as encode.py does). Elsewhere each span's trained tokens run from the first token holding
+    its first character to the one holding its last (`_span_tokens`), which is what `mask_labels` trains
+    where token starts never go backwards (byte-level BPE, SentencePiece); a row where the two questions
+    cannot settle it is masked by `mask_labels` from all its offsets."""
+    ids = [e.ids for e in encodings]
+    ranges: list[tuple[int, int, int]] = []  # (row, first trained token, past the last)
+    explicit: dict[int, list[int]] = {}
+    for r, (encoding, text, row_spans) in enumerate(zip(encodings, texts, spans)):
+        if not row_spans:
+            continue
+        cuts = [a for a, _ in row_spans]
+        if splits and crosses(encoding, text, cuts):
+            ids[r], offsets = tokenize_cut(tokenizer, text, cuts)
+            explicit[r] = mask_labels(ids[r], offsets, row_spans)
+            continue
+        tokens = _span_tokens(encoding, text, row_spans)
+        if tokens is None:
+            explicit[r] = mask_labels(ids[r], encoding.offsets, row_spans)
+        else:
+            ranges.extend((r, i, j) for i, j in tokens)
+
+    def labels(body: np.ndarray, n: np.ndarray) -> np.ndarray:
+        starts = _starts(n)
+        edges = np.zeros(len(body) + 1, np.int64)
+        if ranges:
+            at = np.array(ranges, np.int64)
+            np.add.at(edges, starts[at[:, 0]] + at[:, 1], 1)
+            np.add.at(edges, starts[at[:, 0]] + at[:, 2], -1)
+        out = np.where(np.cumsum(edges[:-1]) > 0, body, IGNORE)
+        for r, row_labels in explicit.items():
+            out[starts[r]:starts[r] + n[r]] = row_labels
+        return out
+
+    return ids, labels
+
+
+def _span_tokens(encoding, text: str, spans) -> list[tuple[int, int]] | None:
+    """For each span (a, b): (i, j) with tokens i..j-1 the ones `mask_labels` trains for it, asking the encoding
+    only about the tokens at a and b; None where that cannot be settled so (then read every offset). The first
+    token holding character a is the first ending past a (token starts never go backwards); the token holding
+    b - 1, a character below U+0080 (one byte, so one token holds it), is the last starting before b when the
+    token after it starts at b or later. Spans must run left to right without overlapping."""
+    out, last_end, count = [], 0, len(encoding)
+    for a, b in spans:
+        if a < last_end or b <= a or ord(text[b - 1]) >= 0x80:
+            return None
+        last_end = b
+        i, k = encoding.char_to_token(a), encoding.char_to_token(b - 1)
+        if i is None or k is None or k < i:
+            return None
+        if k + 1 < count and encoding.token_to_chars(k + 1)[0] < b:
+            return None
+        out.append((i, k + 1))
+    return out
 
 
 def _ids_and_offsets(out, offsets: bool) -> tuple[list, list | None]:
