@@ -35,13 +35,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import gpu_bench  # noqa: E402  (its worker launcher)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NOTEBOOK = dict(r=64, alpha=64, batch=2, accum=4, max_length=1024, lr=5e-6, beta=0.1, optim="adamw_8bit",
                 weight_decay=0.0, gc="unsloth", seed=42)
@@ -268,19 +269,6 @@ def worker(a) -> None:
 # ---- orchestration and report -------------------------------------------------------------------------
 
 
-def spawn(args: list[str], timeout: float) -> tuple[dict | None, str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        text = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        text = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
-        return None, text + f"\n[timed out after {timeout:.0f}s]"
-    rows = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return (json.loads(rows[-1]) if rows else None), text
-
-
 def write_report(out: Path, rows: list[dict], command: str, smoke: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "dpo_gpu.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -353,7 +341,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         args = ["--worker", "--run", name, "--model", a.model, "--warmup", str(a.warmup), "--steps", str(a.steps),
                 "--pairs", str(a.pairs), "--scratch", a.scratch] + (["--cpu-smoke"] if a.cpu_smoke else [])
-        row, log = spawn(args, a.timeout)
+        row, log = gpu_bench.spawn(args, a.timeout, script=__file__)
         out.mkdir(parents=True, exist_ok=True)
         with (out / "dpo_gpu_logs.txt").open("a") as f:
             f.write(f"\n===== {name} ({time.perf_counter() - t0:.0f}s) =====\n{log[-100_000:]}\n")

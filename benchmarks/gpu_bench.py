@@ -321,8 +321,9 @@ def probe(a) -> None:
 # ---- orchestration and report -------------------------------------------------------------------------
 
 
-def spawn(args: list[str], timeout: float) -> tuple[dict | None, str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+def spawn(args: list[str], timeout: float, script: str = __file__) -> tuple[dict | None, str]:
+    """Run `script` (this file unless told) with `args` in a fresh interpreter: its last RESULT line, and its output."""
+    cmd = [sys.executable, str(Path(script).resolve()), *args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

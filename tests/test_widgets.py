@@ -290,6 +290,15 @@ def test_live_loss_plot_records_and_redraws(monkeypatch):
     plot.on_train_end(None, SimpleNamespace(global_step=3, max_steps=3), None)
     assert plot.losses == [(1, 3.0), (2, 2.0), (3, 1.5)]
     assert plot.draws == 2 and len(shown) == 2  # the first log, then the end; the rest were throttled
+    assert len(shown[-1].axes) == 1 and plot.margins == []
+
+    pref = nb.live_preference_plot(every_s=3600)  # preference tuning: TRL's reward margin in a second panel
+    for step, loss, margin in ((1, 0.69, 0.0), (2, 0.6, 0.4)):
+        pref.on_log(None, SimpleNamespace(global_step=step, max_steps=2), None,
+                    logs={"loss": loss, "rewards/margins": margin})
+    pref.on_train_end(None, SimpleNamespace(global_step=2, max_steps=2), None)
+    assert pref.losses == [(1, 0.69), (2, 0.6)] and pref.margins == [(1, 0.0), (2, 0.4)]
+    assert [ax.get_title() for ax in shown[-1].axes] == ["step 2: loss 0.600", "step 2: margin 0.400"]
 
 
 def test_save_results_writes_plain_json(tmp_path):

@@ -48,27 +48,32 @@ def adapters_folder(adapters: str | os.PathLike, cfg) -> Path:
     return folder
 
 
-def live_loss_plot(every_s: float = 2.0):
-    """A transformers TrainerCallback that redraws the training loss as it is logged.
+def live_loss_plot(every_s: float = 2.0, *, reward_margin: bool = False):
+    """A transformers TrainerCallback that redraws the training loss as it is logged (and, with
+    `reward_margin`, TRL's `rewards/margins` of preference tuning in a second panel).
 
     Redraws at most every `every_s` seconds and once at the end, so plotting costs little training
-    time. The points logged in this run stay in `.losses` as (step, loss). A function returning an
-    instance, so that importing this module does not import transformers.
+    time. The points logged in this run stay in `.losses` (and `.margins`) as (step, value). A function
+    returning an instance, so that importing this module does not import transformers.
     """
     from transformers import TrainerCallback
 
     class _LiveLossPlot(TrainerCallback):
         def __init__(self):
             self.losses: list[tuple[int, float]] = []
+            self.margins: list[tuple[int, float]] = []
             self.draws = 0
             self._handle = None
             self._last = -math.inf
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append((state.global_step, float(logs["loss"])))
-                if time.monotonic() - self._last >= every_s:
-                    self._draw(state.max_steps)
+            if not logs or "loss" not in logs:
+                return
+            self.losses.append((state.global_step, float(logs["loss"])))
+            if reward_margin and "rewards/margins" in logs:
+                self.margins.append((state.global_step, float(logs["rewards/margins"])))
+            if time.monotonic() - self._last >= every_s:
+                self._draw(state.max_steps)
 
         def on_train_end(self, args, state, control, **kwargs):
             self._draw(state.max_steps)
@@ -80,13 +85,20 @@ def live_loss_plot(every_s: float = 2.0):
             import matplotlib.pyplot as plt
             from IPython.display import display
 
-            fig, ax = plt.subplots(figsize=(7, 3))
-            steps, losses = zip(*self.losses)
-            ax.plot(steps, losses, marker="." if len(steps) < 30 else None, color="#4a7bd0")
-            ax.set_xlim(0, max(max_steps, steps[-1]))
-            ax.set_xlabel("step")
-            ax.set_ylabel("training loss")
-            ax.set_title(f"step {steps[-1]}: loss {losses[-1]:.3f}")
+            panels = [(self.losses, "training loss", "loss", "#4a7bd0")]
+            if reward_margin:
+                panels.append((self.margins, "reward margin (chosen - rejected)", "margin", "#2e7d32"))
+            fig, axes = plt.subplots(1, len(panels), figsize=(7 if len(panels) == 1 else 10, 3), squeeze=False)
+            for ax, (points, label, short, colour) in zip(axes[0], panels):
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, marker="." if len(steps) < 30 else None, color=colour)
+                    ax.set_title(f"step {steps[-1]}: {short} {values[-1]:.3f}")
+                ax.set_xlim(0, max(max_steps, self.losses[-1][0]))
+                ax.set_xlabel("step")
+                ax.set_ylabel(label)
+            if reward_margin:
+                axes[0][1].axhline(0, color="#999", linewidth=0.8)
             fig.tight_layout()
             if self._handle is None:  # one output that is replaced in place, not a new figure per redraw
                 self._handle = display(fig, display_id=True)

@@ -22,9 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftlib.training.checkpoints import (checkpoint_callback, checkpoint_problem, list_checkpoints, loss_carry_callback,
-                                         resolve_resume, run_settings)
-from sftlib.training.trainer import TrainResult, _peak_rss_gib
+from sftlib.training.checkpoints import checkpoint_callback, loss_carry_callback, resolve_resume, run_settings
+from sftlib.training.trainer import TrainResult, finish
 from sftlib.files import folder_lock
 
 REFERENCE_ADAPTER = "ref"  # the name TRL's DPOTrainer gives its frozen copy of the adapters
@@ -196,11 +195,4 @@ def _train_pairs(cfg, model, tokenizer, pair_rows, *, backend, callbacks, resume
         method=method, margins=series("rewards/margins"), accuracies=series("rewards/accuracies"),
     )
     result.tokens_per_s = tokens / runtime if runtime > 0 and resume is None else 0.0
-    if backend.cuda:
-        result.peak_memory_gib = torch.cuda.max_memory_allocated() / 1024 ** 3
-        result.memory_kind = "cuda-allocated"
-    else:
-        result.peak_memory_gib = _peak_rss_gib()
-    result.checkpoints = [str(p) for p in list_checkpoints(args.output_dir) if checkpoint_problem(p) is None]
-    model.config.use_cache = True
-    return result
+    return finish(result, model, backend, args.output_dir)

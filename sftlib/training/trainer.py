@@ -197,11 +197,19 @@ def _train(cfg, model, tokenizer, train_rows, *, backend, eval_rows=None, callba
     )
     session_tokens = result.tokens_seen - tokens_before  # this session's speed, not diluted by resumed steps
     result.tokens_per_s = session_tokens / runtime if runtime > 0 else 0.0
+    return finish(result, model, backend, args.output_dir)
+
+
+def finish(result, model, backend, output_dir) -> "TrainResult":
+    """What every training run records at its end: peak memory (the GPU's allocator, or the process's
+    resident memory on a CPU) and its complete checkpoints; the model gets its KV cache back for generation."""
+    import torch
+
     if backend.cuda:
         result.peak_memory_gib = torch.cuda.max_memory_allocated() / 1024 ** 3
         result.memory_kind = "cuda-allocated"
     else:
         result.peak_memory_gib = _peak_rss_gib()
-    result.checkpoints = [str(p) for p in list_checkpoints(args.output_dir) if checkpoint_problem(p) is None]
+    result.checkpoints = [str(p) for p in list_checkpoints(output_dir) if checkpoint_problem(p) is None]
     model.config.use_cache = True
     return result
