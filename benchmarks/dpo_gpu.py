@@ -128,16 +128,7 @@ def summarise(marks: list[float], log_history: list[dict], warmup: int, cuda: bo
     }
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+versions = gpu_bench.versions
 
 
 # ---- contenders (each in its own process) ------------------------------------------------------------
