@@ -64,7 +64,8 @@ def autocast_for(model):
     dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_bf16_supported():
+        # a GPU without bfloat16 (a T4) computes in float16, whatever dtype the weights were saved in
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 

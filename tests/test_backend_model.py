@@ -90,6 +90,37 @@ def test_only_the_added_token_rows_are_trained_by_default(tiny):
     assert targets == set(cfg.lora.target_modules)
 
 
+def test_rows_train_through_a_loss_that_reads_the_head_weight_and_bias(tiny):
+    """TRL 1.15's fused LM head (and Unsloth's fused loss) read `lm_head.weight` and `.bias` instead of calling
+    the head: both must be there, and the rows' gradient must flow through the weight. Unsloth's LoRA setup
+    freezes every parameter but LoRA's (seen on a GPU: the rows never moved); the rows are made trainable
+    again after it."""
+    import torch
+
+    from sftlib.training.lora import _train_rows
+
+    model, tokenizer = tiny
+    cfg = RunConfig.preset("cpu-demo", {"lora.train_embeddings": "auto"})
+    info = prepare_tokenizer(model, tokenizer, get_template("chatml"))
+    peft_model = add_lora(model, cfg, CPU, info)
+    for name, p in peft_model.named_parameters():  # what Unsloth's setup leaves
+        p.requires_grad_("lora_" in name)
+    _train_rows(peft_model)
+    head = peft_model.get_output_embeddings()
+    assert head.bias is None
+    new = info.added_token_ids[0]
+    ids = torch.tensor([[1, new, 5, new, 7]])
+    hidden = peft_model.base_model.model.model(input_ids=ids).last_hidden_state
+    logits = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    deltas = {n.split(".token_adapter")[0].rsplit(".", 1)[-1]: p for n, p in peft_model.named_parameters()
+              if "trainable_tokens_delta" in n}
+    assert set(deltas) == {"embed_tokens", "lm_head"}
+    assert all(p.requires_grad and p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0
+               for p in deltas.values()), {n: p.grad for n, p in deltas.items()}
+    assert "bias" not in dict(head.named_parameters())  # no second parameter registered
+
+
 def test_train_embeddings_always_trains_whole_matrices(tiny):
     model, tokenizer = tiny
     cfg = RunConfig.preset("cpu-demo", {"lora.train_embeddings": "always"})

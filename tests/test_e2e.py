@@ -158,6 +158,9 @@ def test_only_new_token_rows_train_and_survive_save_and_merge(tiny_model_dir, tm
     reloaded, _ = load_adapters(cfg.model.name, lora_dir)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, reference, atol=1e-5, rtol=0)
+    # adapters loaded back and saved again (04_export does) stay rows: PEFT alone would add both matrices whole
+    again = load_file(save_adapters(reloaded, tokenizer, tmp_path / "lora-again") / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in saved.items()}
     merged = AutoModelForCausalLM.from_pretrained(save_merged(cfg.model.name, lora_dir, tmp_path / "m", dtype="float32"))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, reference, atol=1e-4, rtol=0)

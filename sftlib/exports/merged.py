@@ -78,8 +78,11 @@ def save_adapters(model, tokenizer, folder: str | Path) -> Path:
     """LoRA adapters (and trained embeddings, when tokens were added) plus the fitted tokenizer."""
     trained = [p for p in model.parameters() if p.requires_grad]
     check_free_space(folder, tensor_bytes(trained), "the LoRA adapters")
+    # Rows trained as PEFT trainable tokens are saved as rows; left to itself PEFT also writes both embedding
+    # matrices whole (2 GiB for Llama 3 8B) whenever the vocabulary grew, e.g. for adapters loaded back.
+    rows = any("trainable_tokens_delta" in name for name, _ in model.named_parameters())
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"save_embedding_layers": False} if rows else {}))
         save_tokenizer(tokenizer, tmp)
         # The stop tokens of the chat template live in the generation config; adapters alone would lose them.
         model.generation_config.save_pretrained(tmp)

@@ -135,21 +135,33 @@ def add_lora(model, cfg, backend, tokens=None):
         torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are random: same seed, same start
         model = get_peft_model(model, peft_cfg)
     if rows_only:
-        _rows_in_float32(model)
+        _train_rows(model)
         _save_rows_only(model)
     model.sftlib_plan = plan  # the memory plan when `auto` chose the settings, else None
     return model
 
 
-def _rows_in_float32(model) -> None:
-    """Keep the trained rows in float32, as PEFT keeps LoRA's matrices: a half-precision parameter cannot take
-    float16 training's scaled gradients (the optimizer refuses to unscale them) and loses small updates. The
-    rows are written into the head and embedding in the model's own dtype when they are applied."""
+def _train_rows(model) -> None:
+    """Make the trained rows (PEFT trainable tokens) train, whoever set the model up, and readable as a head.
+
+    - Unsloth's LoRA setup freezes every parameter that is not a LoRA matrix, the rows included (seen on a
+      GPU: they never moved and the model never learned to stop): they are made trainable again here.
+    - They are kept in float32, as LoRA's matrices are: a half-precision parameter cannot take float16
+      training's scaled gradients and loses small updates. They are written into the head and embedding in
+      the model's own dtype when applied.
+    - TRL 1.15 computes the loss from `lm_head.weight` and `lm_head.bias` (its fused LM head). PEFT's wrapper
+      gives the weight with the rows written in, but no `bias`: the head's own bias (None for Llama) is set on
+      the wrapper, so the loss reads both and the rows' gradient flows through the weight."""
     import torch
 
     for name, p in model.named_parameters():
-        if p.requires_grad and "trainable_tokens_delta" in name and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
+        if "trainable_tokens_delta" in name:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+            p.requires_grad_(True)
+    head = model.get_output_embeddings()
+    if rows_trained_only(model) and not hasattr(head, "bias"):  # a plain attribute: no second bias parameter
+        object.__setattr__(head, "bias", getattr(head.token_adapter.base_layer, "bias", None))
 
 
 def _save_rows_only(model) -> None:
