@@ -102,8 +102,35 @@ def sft_config(cfg, backend, model=None):
         dataloader_num_workers=0,
         remove_unused_columns=True,
         disable_tqdm=False,
+        pad_to_multiple_of=pad_multiple(t.packing, backend.cuda),
         **({"loss_type": loss} if loss else {}),
     )
+
+
+PAD_MULTIPLE = 8  # bfloat16 elements in 16 bytes: the alignment cuBLAS's fast kernels want
+
+
+def pad_multiple(packing: bool, cuda: bool) -> int | None:
+    """How many tokens a packed micro-batch's length is rounded up to, or None.
+
+    A packed, padding-free micro-batch is one row of all its conversations, so its length is whatever
+    they add up to. Under Unsloth, the LoRA weight gradients multiply matrices whose leading dimension
+    is that length; when it is not a multiple of 8, cuBLAS falls back to its unaligned kernels
+    (`..._align1`), a quarter of the LoRA matmul time in benchmarks/results/profile_8b.md. Up to 7 pad
+    tokens (label -100, position id 0, each its own one-token segment) make it aligned; the loss and the
+    gradients are unchanged. On by default on a GPU with packing; `SFTLIB_PAD_MULTIPLE=0` turns it off,
+    another number sets the multiple (also on the CPU, where it only costs).
+    """
+    import os
+
+    raw = os.environ.get("SFTLIB_PAD_MULTIPLE", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"SFTLIB_PAD_MULTIPLE must be a whole number of tokens (0 turns it off), not {raw!r}") from None
+        return value if value > 1 and packing else None
+    return PAD_MULTIPLE if packing and cuda else None
 
 
 def _loss_type(model) -> str | None:
