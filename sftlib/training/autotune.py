@@ -19,14 +19,21 @@ about 16k tokens are slower, not faster (see MAX_TOKENS_PER_MICRO_BATCH). So the
 1. Candidates are (checkpointing, micro-batch) pairs whose micro-batch divides the effective batch
    `batch_size x grad_accum` (with `auto_batch`; otherwise only the configured batch_size).
 2. Micro-batches above `MAX_TOKENS_PER_MICRO_BATCH` tokens are dropped unless nothing else is left.
-3. The first candidate that fits wins, in this order: no checkpointing with the largest micro-batch,
-   then checkpointing (Unsloth's offloaded kind on the unsloth backend) with the largest micro-batch.
+3. The first candidate that fits wins, in this order: no checkpointing with the largest micro-batch
+   down to `MIN_TOKENS_WITHOUT_CHECKPOINTING` tokens, then checkpointing (Unsloth's offloaded kind on
+   the unsloth backend) with the largest micro-batch, then smaller micro-batches without checkpointing.
+   Two rows of 2048 tokens without recomputation beat eight with it (13,627 against 11,116 tokens/s,
+   H200). One row did in one run (12,862 against 10,946, H100, under a 15 GiB cap, where it peaks at
+   13.6 GiB) and ran 7,967 tokens/s in another, on another H100, with no baseline beside it
+   (benchmarks/results/gpu_bench.md): until that is settled, recomputation comes first there (and
+   13.6 GiB is within the safety margin of 15). To train one row at a time without it, set
+   `train.gradient_checkpointing: false`, `train.batch_size: 1`.
 
 "Fits" uses a memory model: the bytes already allocated (the loaded model, measured), plus the LoRA
 weights, gradients and optimizer states, plus activation bytes per token x tokens per micro-batch,
 must stay under the budget minus a safety margin. The per-token activation bytes were measured on the
-GPU for each checkpointing mode (`MEASURED`) and are scaled to other models by their layer count and
-widths. The budget is the device memory this process can use: free plus what it already holds,
+GPU for each checkpointing mode (`MEASURED`; `PACKED_KERNEL` when sftlib's packed-attention kernel runs,
+which keeps less per token) and are scaled to other models by their layer count and widths. The budget is the device memory this process can use: free plus what it already holds,
 capped by `torch.cuda.set_per_process_memory_fraction` and by the `SFTLIB_GPU_MEMORY_GIB` variable.
 """
 
@@ -40,6 +47,8 @@ GiB = 1024 ** 3
 # micro-batch ran 10,009 tokens/s against 12,412 for 8 x 2048 without checkpointing, and 8,010 against about
 # 9,400 with Unsloth's: beyond this many tokens, larger micro-batches only spend memory.
 MAX_TOKENS_PER_MICRO_BATCH = 16384
+# Micro-batches without recomputation below this many tokens come after recomputation (rule 3 above).
+MIN_TOKENS_WITHOUT_CHECKPOINTING = 4096
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,15 @@ class MemoryModel:
 MEASURED = MemoryModel(
     no_checkpointing=3.32, offloaded=4.27,
     source="H200, Llama-3.1-8B config in 4-bit, Unsloth 2026.10.9, packed 2048-token rows",
+)
+# The same workload with sftlib's packed-attention kernel on (sftlib.training.packed_attention: one varlen
+# flash call per layer, no per-document copies), H100, 2026-12-05: peaks of 60.76 GiB (8 rows, 16,363 tokens)
+# and 13.59 GiB (1 row, 2,045 tokens) over 5.50 GiB held, no checkpointing -> 3.37 MiB per token
+# (3.00 x 32 x 18432 x 2 bytes) and 1.35 GiB at zero tokens; reserved stayed within 0.1 GiB of allocated.
+# The offloaded figure is unchanged (8.80 against 8.96 GiB for 8 x 2048).
+PACKED_KERNEL = MemoryModel(
+    no_checkpointing=3.00, offloaded=4.27, overhead_gib=1.35,
+    source="H100, Llama-3.1-8B config in 4-bit, Unsloth 2026.10.9, packed 2048-token rows, packed-attention kernel",
 )
 
 
@@ -153,19 +171,22 @@ def plan(*, budget_bytes: float, static_bytes: float, dims: ModelDims, seq_len: 
     sizes = divisors(effective) if auto_batch else [batch_size]
     small = [b for b in sizes if b * seq_len <= MAX_TOKENS_PER_MICRO_BATCH] or sizes[-1:]
     ordered = small + [b for b in sizes if b not in small]  # too-large micro-batches only as a last resort
+    candidates = [(modes[0], b) for b in ordered]
+    if len(modes) > 1:  # auto: tiny micro-batches without recomputation only after recomputation's
+        tiny = [c for c in candidates if c[1] * seq_len < MIN_TOKENS_WITHOUT_CHECKPOINTING and c[1] != ordered[0]]
+        candidates = [c for c in candidates if c not in tiny] + [(modes[1], b) for b in ordered] + tiny
     tried = []
-    for mode in modes:
+    for mode, b in candidates:
         per_token = activation_bytes_per_token(dims, mode, backend=backend, model=model)
-        for b in ordered:
-            peak = static_bytes + model.overhead_gib * GiB + per_token * b * seq_len
-            ok = peak <= usable
-            tried.append((mode, b, round(peak / GiB, 2), ok))
-            if ok:
-                why = "no recomputation" if mode == "false" else \
-                    "checkpointing needed to fit" if checkpointing == "auto" else "checkpointing as configured"
-                if b != batch_size:
-                    why += f"; micro-batch {b} keeps the effective batch of {effective}"
-                return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, True, why, tried)
+        peak = static_bytes + model.overhead_gib * GiB + per_token * b * seq_len
+        ok = peak <= usable
+        tried.append((mode, b, round(peak / GiB, 2), ok))
+        if ok:
+            why = "no recomputation" if mode == "false" else \
+                "checkpointing needed to fit" if checkpointing == "auto" else "checkpointing as configured"
+            if b != batch_size:
+                why += f"; micro-batch {b} keeps the effective batch of {effective}"
+            return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, True, why, tried)
     mode, b = modes[-1], sizes[-1]
     peak = static_bytes + model.overhead_gib * GiB + \
         activation_bytes_per_token(dims, mode, backend=backend, model=model) * b * seq_len
@@ -200,9 +221,12 @@ def plan_for_model(cfg, model, backend) -> Plan:
         return Plan(mode, t.batch_size, t.grad_accum, 0.0, 0.0, True, "no GPU: memory not planned")
     device = torch.cuda.current_device()
     static = torch.cuda.memory_allocated(device) + lora_state_bytes(model, cfg.lora.r, cfg.lora.target_modules)
+    from sftlib.training import packed_attention
+
     return plan(budget_bytes=gpu_budget_bytes(device), static_bytes=static, dims=dims,
                 seq_len=cfg.model.max_seq_length, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                checkpointing=t.gradient_checkpointing, auto_batch=t.auto_batch, backend=backend.name)
+                checkpointing=t.gradient_checkpointing, auto_batch=t.auto_batch, backend=backend.name,
+                model=PACKED_KERNEL if packed_attention.active() and t.packing else MEASURED)
 
 
 def apply(cfg, chosen: Plan) -> list[str]:

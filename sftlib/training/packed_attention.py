@@ -26,6 +26,7 @@ import os
 
 _NOTE: str | None = None
 _DONE = False
+_ACTIVE = False
 
 
 def _function():
@@ -130,6 +131,13 @@ def enable() -> str | None:
     if problem:
         _NOTE = f"packed attention: Unsloth's per-document SDPA kept (the varlen flash check failed: {problem})"
         return _NOTE
+    global _ACTIVE
     dispatch._TORCH_VARLEN_ATTN = fn
+    _ACTIVE = True
     _NOTE = "packed attention: one varlen flash call per layer (torch's flash kernel, grouped K/V heads)"
     return _NOTE
+
+
+def active() -> bool:
+    """Whether `enable()` gave Unsloth the one-call-per-layer kernel (sftlib.training.autotune plans memory by it)."""
+    return _ACTIVE
