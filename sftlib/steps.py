@@ -111,6 +111,17 @@ def _silent(_: str) -> None:
     pass
 
 
+def _leave_process_group() -> None:
+    """After training, in a multi-process launch: take this rank out of the process group, so that a rank
+    with nothing left to do exits cleanly while rank 0 evaluates and saves (which need no other rank). Seen
+    once on the CPU (gloo), under load: rank 1 aborted at exit ("terminate called without an active
+    exception") and the launcher stopped rank 0 in the middle of its export."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ---- the steps ------------------------------------------------------------------------------------------
 
 
@@ -387,6 +398,7 @@ def run(cfg, *, log: Log = print, answer_samples: int = 0, show_answers: int = 0
         before = evaluate(s.model, s, data, samples=answer_samples, log=log, label="before") if main else Evaluation()
         model = add_adapters(cfg, s, log=log)
     outcome = train(cfg, model, s, data, callbacks=callbacks, log=log)
+    _leave_process_group()
     result = summarize(cfg, s, data, model, outcome)
     if main:
         after = evaluate(model, s, data, samples=answer_samples, log=log, label="after",

@@ -37,7 +37,7 @@ def _config(tmp: Path, model_dir: Path, data: Path, name: str, batch: int) -> Pa
                   # last batch with repeated rows, which would make the two runs see different data
                   "packing": False,
                   "output_dir": str(tmp / name / "out")},
-        "export": {"formats": ["lora"], "output_dir": str(tmp / name / "model")},
+        "export": {"formats": ["lora", "merged_16bit"], "output_dir": str(tmp / name / "model")},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
