@@ -33,8 +33,9 @@ about 16k tokens are slower, not faster (see MAX_TOKENS_PER_MICRO_BATCH). So the
 weights, gradients and optimizer states, plus activation bytes per token x tokens per micro-batch,
 must stay under the budget minus a safety margin. The per-token activation bytes were measured on the
 GPU for each checkpointing mode (`MEASURED`; `PACKED_KERNEL` when sftlib's packed-attention kernel runs,
-which keeps less per token) and are scaled to other models by their layer count and widths. The budget is the device memory this process can use: free plus what it already holds,
-capped by `torch.cuda.set_per_process_memory_fraction` and by the `SFTLIB_GPU_MEMORY_GIB` variable.
+which keeps less per token) and are scaled to other models by their layer count and widths. The budget
+is the device memory this process can use: free plus what it already holds, capped by
+`torch.cuda.set_per_process_memory_fraction` and by the `SFTLIB_GPU_MEMORY_GIB` variable.
 """
 
 from __future__ import annotations

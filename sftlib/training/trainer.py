@@ -128,7 +128,8 @@ def pad_multiple(packing: bool, cuda: bool) -> int | None:
         try:
             value = int(raw)
         except ValueError:
-            raise ValueError(f"SFTLIB_PAD_MULTIPLE must be a whole number of tokens (0 turns it off), not {raw!r}") from None
+            raise ValueError(f"SFTLIB_PAD_MULTIPLE must be a whole number of tokens (0 turns it off), "
+                             f"not {raw!r}") from None
         return value if value > 1 and packing else None
     return PAD_MULTIPLE if packing and cuda else None
 
