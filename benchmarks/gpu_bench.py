@@ -63,8 +63,6 @@ SETTINGS = {
     "sftlib:article-novarlen": dict(gc="unsloth", batch=8, accum=2, env={"SFTLIB_PACKED_VARLEN": "0"}),
     # SFTLIB_PAD_MULTIPLE=0: packed micro-batches not rounded up to a multiple of 8 tokens (sftlib/training/trainer.py)
     "sftlib:auto-nopad": dict(gc="auto", auto_batch=True, batch=8, accum=2, env={"SFTLIB_PAD_MULTIPLE": "0"}),
-    "sftlib:auto-15GiB-nopad": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
-                                    env={"SFTLIB_PAD_MULTIPLE": "0"}),
     # under the T4-sized cap: one 2048-token row per micro-batch and no recomputation, instead of 8 x 2 recomputed
     "sftlib:15GiB-nogc-1x16": dict(gc="false", batch=1, accum=16, cap=15),
     "sftlib:15GiB-gc-8x2": dict(gc="unsloth", batch=8, accum=2, cap=15),

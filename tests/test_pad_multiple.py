@@ -31,17 +31,20 @@ def test_on_by_default_on_a_gpu_with_packing_only(monkeypatch):
         pad_multiple(True, True)
 
 
-def _train(model_dir, tmp_path, name, monkeypatch, multiple):
-    from conftest import with_lora
-    from sftlib.training.trainer import train
-
-    monkeypatch.setenv("SFTLIB_PAD_MULTIPLE", str(multiple))
-    data = tmp_path / f"{name}.jsonl"
-    with data.open("w") as f:
+def _own_data(path):
+    with path.open("w") as f:
         for i in range(48):  # lengths that do not add up to multiples of 64
             words = " ".join(["word"] * (1 + i % 7))
             f.write(json.dumps({"messages": [{"role": "user", "content": f"Say {i} {words}"},
                                              {"role": "assistant", "content": f"{words} {i}."}]}) + "\n")
+    return path
+
+
+def _train(model_dir, data, tmp_path, name, monkeypatch, multiple):
+    from conftest import with_lora
+    from sftlib.training.trainer import train
+
+    monkeypatch.setenv("SFTLIB_PAD_MULTIPLE", str(multiple))
     cfg = RunConfig.preset("cpu-demo").with_overrides({
         "model.name": str(model_dir), "data.source": str(data), "data.eval_size": 0,
         "model.max_seq_length": 128, "train.packing": True, "train.max_steps": 4, "train.logging_steps": 1,
@@ -64,9 +67,18 @@ def _train(model_dir, tmp_path, name, monkeypatch, multiple):
     return [loss for _, loss in result.losses], lengths, pads
 
 
-def test_padding_the_packed_row_changes_no_loss(tiny_model_dir, tmp_path, monkeypatch):
-    plain_losses, plain_lengths, plain_pads = _train(tiny_model_dir, tmp_path, "plain", monkeypatch, 0)
-    padded_losses, padded_lengths, padded_pads = _train(tiny_model_dir, tmp_path, "padded", monkeypatch, 64)
+@pytest.mark.parametrize("material", ["ours", "real"])
+def test_padding_the_packed_row_changes_no_loss(material, tmp_path, monkeypatch, request):
+    """On the tests' own model and data, and on the real pretrained stories260K (SentencePiece, tied embeddings)
+    with a public chat dataset (OpenAI messages with system turns)."""
+    from conftest import SHARED_FIXTURES
+
+    if material == "ours":
+        model_dir, data = request.getfixturevalue("tiny_model_dir"), _own_data(tmp_path / "own.jsonl")
+    else:
+        model_dir, data = request.getfixturevalue("stories_dir"), SHARED_FIXTURES / "datasets" / "pirate_openai_messages.jsonl"
+    plain_losses, plain_lengths, plain_pads = _train(model_dir, data, tmp_path, "plain", monkeypatch, 0)
+    padded_losses, padded_lengths, padded_pads = _train(model_dir, data, tmp_path, "padded", monkeypatch, 64)
     assert any(n % 64 for n in plain_lengths), plain_lengths  # the unpadded rows were not aligned already
     assert all(n % 64 == 0 for n in padded_lengths), padded_lengths
     assert sum(plain_pads) == 0 and sum(padded_pads) > 0
