@@ -23,11 +23,11 @@ about 16k tokens are slower, not faster (see MAX_TOKENS_PER_MICRO_BATCH). So the
    down to `MIN_TOKENS_WITHOUT_CHECKPOINTING` tokens, then checkpointing (Unsloth's offloaded kind on
    the unsloth backend) with the largest micro-batch, then smaller micro-batches without checkpointing.
    Two rows of 2048 tokens without recomputation beat eight with it (13,627 against 11,116 tokens/s,
-   H200). One row did in one run (12,862 against 10,946, H100, under a 15 GiB cap, where it peaks at
-   13.6 GiB) and ran 7,967 tokens/s in another, on another H100, with no baseline beside it
-   (benchmarks/results/gpu_bench.md): until that is settled, recomputation comes first there (and
-   13.6 GiB is within the safety margin of 15). To train one row at a time without it, set
-   `train.gradient_checkpointing: false`, `train.batch_size: 1`.
+   H200). One row does not, under a 15 GiB cap where it peaks at 13.6 GiB: on one H100, run twice
+   each, 9,258 and 9,455 tokens/s against 10,765 and 10,659 for eight rows recomputed (an earlier
+   run's 12,862 was not reproduced; benchmarks/results/gpu_bench.md), so recomputation comes first
+   there. To train one row at a time without it, set `train.gradient_checkpointing: false`,
+   `train.batch_size: 1`.
 
 "Fits" uses a memory model: the bytes already allocated (the loaded model, measured), plus the LoRA
 weights, gradients and optimizer states, plus activation bytes per token x tokens per micro-batch,
