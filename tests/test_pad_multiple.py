@@ -76,7 +76,8 @@ def test_padding_the_packed_row_changes_no_loss(material, tmp_path, monkeypatch,
     if material == "ours":
         model_dir, data = request.getfixturevalue("tiny_model_dir"), _own_data(tmp_path / "own.jsonl")
     else:
-        model_dir, data = request.getfixturevalue("stories_dir"), SHARED_FIXTURES / "datasets" / "pirate_openai_messages.jsonl"
+        model_dir = request.getfixturevalue("stories_dir")
+        data = SHARED_FIXTURES / "datasets" / "pirate_openai_messages.jsonl"
     plain_losses, plain_lengths, plain_pads = _train(model_dir, data, tmp_path, "plain", monkeypatch, 0)
     padded_losses, padded_lengths, padded_pads = _train(model_dir, data, tmp_path, "padded", monkeypatch, 64)
     assert any(n % 64 for n in plain_lengths), plain_lengths  # the unpadded rows were not aligned already

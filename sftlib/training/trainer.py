@@ -118,8 +118,9 @@ def pad_multiple(packing: bool, cuda: bool) -> int | None:
     is that length; when it is not a multiple of 8, cuBLAS falls back to its unaligned kernels
     (`..._align1`), a quarter of the LoRA matmul time in benchmarks/results/profile_8b.md. Up to 7 pad
     tokens (label -100, position id 0; a segment of their own, attending to no conversation) make it
-    aligned; the loss and the gradients are unchanged (tests/test_pad_multiple.py). On by default on a GPU with packing; `SFTLIB_PAD_MULTIPLE=0` turns it off,
-    another number sets the multiple (also on the CPU, where it only costs).
+    aligned; the loss and the gradients are unchanged (tests/test_pad_multiple.py). On by default on a
+    GPU with packing; `SFTLIB_PAD_MULTIPLE=0` turns it off, another number sets the multiple (also on
+    the CPU, where it only costs).
     """
     import os
 
