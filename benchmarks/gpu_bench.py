@@ -66,6 +66,8 @@ SETTINGS = {
     # under the T4-sized cap: one 2048-token row per micro-batch and no recomputation, instead of 8 x 2 recomputed
     "sftlib:15GiB-nogc-1x16": dict(gc="false", batch=1, accum=16, cap=15),
     "sftlib:15GiB-gc-8x2": dict(gc="unsloth", batch=8, accum=2, cap=15),
+    # Unsloth's recomputation without moving the saved activations to the host
+    "sftlib:15GiB-gctrue-8x2": dict(gc="true", batch=8, accum=2, cap=15),
 }
 DEFAULT_RUNS = "unsloth:article,sftlib:auto,hf:article,sftlib:article,sftlib:auto-40GiB,sftlib:auto-15GiB"
 
@@ -166,6 +168,7 @@ def summarise(timer, log_history, warmup: int) -> dict:
         "tokens_per_step": tokens / len(measured) if measured else None,
         "step_seconds": [round(s, 3) for s, _ in steps],
         "measured_steps": len(measured),
+        "tokens_seen": timer.marks[-1][1] - timer.marks[0][1] if timer.marks else None,  # all steps, warm-up too
         "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
         "reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30,
         "first_losses": [round(float(x["loss"]), 4) for x in log_history if "loss" in x][:5],
