@@ -25,9 +25,9 @@ about 16k tokens are slower, not faster (see MAX_TOKENS_PER_MICRO_BATCH). So the
    Two rows of 2048 tokens without recomputation beat eight with it (13,627 against 11,116 tokens/s,
    H200). One row does not, under a 15 GiB cap where it peaks at 13.6 GiB: on one H100, run twice
    each, 9,258 and 9,455 tokens/s against 10,765 and 10,659 for eight rows recomputed (an earlier
-   run's 12,862 was not reproduced, a later one gave 11,114 against 10,827; benchmarks/results/gpu_bench.md),
-   so recomputation comes first there. To train one row at a time without it, set `train.gradient_checkpointing: false`,
-   `train.batch_size: 1`.
+   run's 12,862 was not reproduced, a later one gave 11,114 against 10,773; benchmarks/results/gpu_bench.md),
+   so recomputation comes first there. To train one row at a time without it, set
+   `train.gradient_checkpointing: false`, `train.batch_size: 1`.
 
 "Fits" uses a memory model: the bytes already allocated (the loaded model, measured), plus the LoRA
 weights, gradients and optimizer states, plus activation bytes per token x tokens per micro-batch,
