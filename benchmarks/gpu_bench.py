@@ -68,6 +68,12 @@ SETTINGS = {
     "sftlib:15GiB-gc-8x2": dict(gc="unsloth", batch=8, accum=2, cap=15),
     # Unsloth's recomputation without moving the saved activations to the host
     "sftlib:15GiB-gctrue-8x2": dict(gc="true", batch=8, accum=2, cap=15),
+    # Unsloth's offloaded recomputation on all but `keep` evenly spaced decoder layers (train.checkpoint_keep_layers),
+    # so fewer, larger micro-batches than one row fit without recomputing every layer
+    "sftlib:15GiB-gc-2x8": dict(gc="unsloth", batch=2, accum=8, cap=15),
+    "sftlib:15GiB-gc-2x8-keep12": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=12),
+    "sftlib:15GiB-gc-2x8-keep16": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=16),
+    "sftlib:15GiB-gc-4x4-keep6": dict(gc="unsloth", batch=4, accum=4, cap=15, keep=6),
 }
 DEFAULT_RUNS = "unsloth:article,sftlib:auto,hf:article,sftlib:article,sftlib:auto-40GiB,sftlib:auto-15GiB"
 
@@ -244,7 +250,7 @@ def run_sftlib(model_dir: str, s: dict, data, max_steps: int, out: str, timer):
         "data": {"train_on": "all"},
         "train": {"batch_size": s["batch"], "grad_accum": s["accum"], "gradient_checkpointing": s["gc"],
                   "auto_batch": s.get("auto_batch", False), "max_steps": max_steps, "output_dir": out,
-                  "logging_steps": 1, "save_steps": 0},
+                  "logging_steps": 1, "save_steps": 0, "checkpoint_keep_layers": s.get("keep", 0)},
     })
     if hasattr(cfg.train, "resume"):
         cfg.train.resume = "never"
@@ -261,9 +267,14 @@ def run_sftlib(model_dir: str, s: dict, data, max_steps: int, out: str, timer):
 
     result = train(cfg, model, tokenizer, data, backend=backend, callbacks=[timer, Keep()])
     plan = getattr(model, "sftlib_plan", None)
-    extra = {"static_gib": static, "plan": plan.to_dict() if plan else None, "sftlib_tokens_per_s": result.tokens_per_s,
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    recomputed = [bool(m.gradient_checkpointing) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    extra = {"layers_recomputed": f"{sum(recomputed)} of {len(recomputed)}",
+             "static_gib": static, "plan": plan.to_dict() if plan else None, "sftlib_tokens_per_s": result.tokens_per_s,
              "backend_reason": backend.reason,
-             "batch": cfg.train.batch_size, "accum": cfg.train.grad_accum, "gc": cfg.train.gradient_checkpointing}
+             "batch": cfg.train.batch_size, "accum": cfg.train.grad_accum, "gc": cfg.train.gradient_checkpointing,
+             "keep_layers": cfg.train.checkpoint_keep_layers}
 
     class History:  # what summarise() reads from a trainer
         class state:

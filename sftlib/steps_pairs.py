@@ -87,6 +87,10 @@ def _load_adapters(cfg, setup, log):
         raise SftlibError(f"`lora.start_from`: the adapters in `{folder}` do not fit `{cfg.model.name}` with template "
                           f"`{cfg.model.chat_template}` ({str(e).splitlines()[0][:300]}); use the base model and "
                           "template of the run that trained them") from e
+    if setup.backend.name != "unsloth" and gc in ("true", "unsloth") and cfg.train.checkpoint_keep_layers:
+        from sftlib.training.lora import keep_activations
+
+        keep_activations(model, cfg.train.checkpoint_keep_layers)
     if cfg.lora.train_embeddings == "never":  # the adapters' saved embeddings and head rows stay as trained
         for name, p in model.named_parameters():
             if "modules_to_save" in name or "trainable_tokens" in name:

@@ -67,7 +67,8 @@ class ConfigError(SftlibError):
 # Upper bounds far above any real run, so that a typo (1e30, an extra zero run) is an error, not an
 # overflow or an allocation that takes the machine down.
 MAX = {"lora.r": 4096, "lora.alpha": 1 << 20, "model.max_seq_length": 1 << 20, "train.batch_size": 1 << 16,
-       "train.grad_accum": 1 << 16, "train.epochs": 10_000, "train.max_steps": 100_000_000}
+       "train.grad_accum": 1 << 16, "train.checkpoint_keep_layers": 1 << 16,
+       "train.epochs": 10_000, "train.max_steps": 100_000_000}
 
 
 def show(value: Any, limit: int = 60) -> str:
@@ -200,7 +201,8 @@ def check(cfg) -> list[Problem]:
     need("lora.alpha", lo.alpha > 0, f"`lora.alpha` must be a positive integer, got {show(lo.alpha).rsplit(' (', 1)[0]}")
     for key, value in (("lora.alpha", lo.alpha), ("model.max_seq_length", m.max_seq_length),
                        ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                       ("train.epochs", t.epochs), ("train.max_steps", t.max_steps)):
+                       ("train.checkpoint_keep_layers", t.checkpoint_keep_layers), ("train.epochs", t.epochs),
+                       ("train.max_steps", t.max_steps)):
         need(key, value <= MAX[key], f"`{key}` is {show(value).rsplit(' (', 1)[0]}: at most {MAX[key]:,} is accepted")
     need("lora.dropout", 0 <= lo.dropout < 1, f"`lora.dropout` must be in [0, 1), got {lo.dropout}")
     need("lora.target_modules", len(lo.target_modules) > 0,
@@ -232,6 +234,8 @@ def check(cfg) -> list[Problem]:
          f"{t.learning_rate}; LoRA usually takes 1e-5 to 5e-4")
     need("train.batch_size", t.batch_size >= 1, f"`train.batch_size` must be >= 1, got {t.batch_size}")
     need("train.grad_accum", t.grad_accum >= 1, f"`train.grad_accum` must be >= 1, got {t.grad_accum}")
+    need("train.checkpoint_keep_layers", t.checkpoint_keep_layers >= 0,
+         f"`train.checkpoint_keep_layers` must be >= 0 (0 = every layer recomputed), got {t.checkpoint_keep_layers}")
     need("train.max_steps", t.max_steps == -1 or t.max_steps > 0,
          f"`train.max_steps` must be -1 (use epochs) or > 0, got {t.max_steps}")
     need("train.epochs", t.epochs > 0 or t.max_steps > 0,

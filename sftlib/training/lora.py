@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 from sftlib.config import ConfigError, Problem
@@ -102,6 +103,7 @@ def add_lora(model, cfg, backend, tokens=None):
         plan = autotune.plan_for_model(cfg, model, backend)
         autotune.apply(cfg, plan)
     gc = cfg.train.gradient_checkpointing
+    keep = cfg.train.checkpoint_keep_layers if gc != "false" else 0
     token_rows = None
     if rows_only:
         # A tied head shares the input rows (PEFT ties the two wrappers); an untied one gets the same rows
@@ -113,6 +115,11 @@ def add_lora(model, cfg, backend, tokens=None):
         # Unsloth passes extra arguments on to PEFT's LoraConfig; its fused loss reads `lm_head.weight`, which
         # PEFT's trainable-tokens wrapper gives with the trained rows written in, so their gradient flows.
         rows_arg = {"trainable_token_indices": token_rows} if token_rows else {}
+        if keep:  # Unsloth's own per-layer switch, which its later calls to re-enable checkpointing respect
+            if "checkpoint_skip_layers" not in inspect.signature(FastLanguageModel.get_peft_model).parameters:
+                raise ConfigError(Problem("train.checkpoint_keep_layers", "this Unsloth cannot keep some layers' "
+                                          "activations (no `checkpoint_skip_layers`); upgrade it or set 0"))
+            rows_arg["checkpoint_skip_layers"] = keep
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=list(lora.target_modules) + (saved or []), lora_alpha=lora.alpha,
             lora_dropout=lora.dropout, bias=lora.bias,
@@ -134,11 +141,27 @@ def add_lora(model, cfg, backend, tokens=None):
 
         torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are random: same seed, same start
         model = get_peft_model(model, peft_cfg)
+        if keep:
+            keep_activations(model, keep)
     if rows_only:
         _train_rows(model)
         _save_rows_only(model)
     model.sftlib_plan = plan  # the memory plan when `auto` chose the settings, else None
     return model
+
+
+def keep_activations(model, count: int) -> list[int]:
+    """Recomputation off for `count` decoder layers spread evenly over the stack (transformers' per-layer switch,
+    after checkpointing was enabled): they keep their activations for the backward pass, the rest recompute
+    theirs. Same gradients, less recomputation, one layer's activations more per kept layer. Returns the indices."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    count = min(count, len(layers))
+    chosen = [(2 * k + 1) * len(layers) // (2 * count) for k in range(count)]
+    for i in chosen:
+        layers[i].gradient_checkpointing = False
+    return chosen
 
 
 def _train_rows(model) -> None:

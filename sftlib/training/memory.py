@@ -22,7 +22,8 @@ float32 (the compute dtype: `model.dtype`; `auto` = 16-bit on a GPU, 32-bit on a
   when a mask makes transformers repeat them), gate, up, SiLU(gate) and their product (4b x
   intermediate), b x r per adapter. Unsloth's fused kernels keep only their inputs: 4bh + 2b x
   q_dim + 2b x kv_dim + 3b x intermediate. Checkpointing keeps each layer's input (b x h; Unsloth's
-  offloaded kind moves it to CPU memory) and recomputes one layer at a time.
+  offloaded kind moves it to CPU memory) and recomputes one layer at a time; the layers that
+  `train.checkpoint_keep_layers` exempts keep all of theirs, as without checkpointing.
 - the gradients alive while one layer is back-propagated: b x (3 x intermediate + 2h) per token.
 - attention mask (transformers): a boolean (batch x seq)^2 mask for packed rows (batch x seq^2 for
   padded ones), which SDPA turns into a float copy in every layer and keeps for the backward pass.
@@ -256,7 +257,10 @@ def _peak_parts(cfg, shape: ModelShape, device: str, backend: str, embeddings_tr
         logits += 2 * shape.vocab * h * b
     gc = t.gradient_checkpointing
     offload = gc == "unsloth" and backend == "unsloth"
-    inputs = 2 * tokens * b * h if offload else tokens * L * b * h  # what checkpointing keeps on the device
+    kept = min(t.checkpoint_keep_layers, L) if gc != "false" else 0  # layers that keep their activations
+    # what checkpointing keeps on the device: the recomputed layers' inputs, all of a kept layer's activations
+    inputs = 2 * tokens * b * h if offload else tokens * (L - kept) * b * h
+    inputs += tokens * kept * per_layer
     activations = {"without checkpointing": (tokens * L * per_layer + final_norm) / GiB,
                    "with checkpointing": (tokens * L * b * h + tokens * per_layer + final_norm) / GiB}
     if backend == "unsloth":
@@ -270,11 +274,15 @@ def _peak_parts(cfg, shape: ModelShape, device: str, backend: str, embeddings_tr
         parts["gradients of one layer (*)"] = grads / GiB
         dynamic = tokens * L * per_layer + final_norm + mask_bool + L * mask_layer + max(grads, logits)
     else:
-        parts["checkpointed layer inputs"] = (inputs + final_norm) / GiB
+        parts["checkpointed layer inputs"] = (inputs - tokens * kept * per_layer + final_norm) / GiB
+        if kept:
+            parts[f"activations of the {kept} layers not recomputed"] = tokens * kept * per_layer / GiB
         if mask_bool:
-            parts["attention mask"] = mask_bool / GiB
+            parts["attention mask" + (" and the kept layers' copies" if kept else "")] = \
+                (mask_bool + kept * mask_layer) / GiB
         parts["one layer recomputed, with gradients (*)"] = (tokens * per_layer + mask_layer + grads) / GiB
-        dynamic = inputs + final_norm + mask_bool + max(tokens * per_layer + mask_layer + grads, logits)
+        dynamic = inputs + final_norm + mask_bool + kept * mask_layer + \
+            max(tokens * per_layer + mask_layer + grads, logits)
     parts["logits and their gradient (*)"] = logits / GiB
     return parts, weights, activations, tokens, (static + dynamic) / GiB
 
@@ -338,9 +346,12 @@ def estimate_memory(cfg, shape: ModelShape | None = None, *, device: str = "cuda
     tflops = next((GPUS[k][1] for k in GPUS if gpu_name and k in gpu_name.upper()), None)
     if tflops:
         t = cfg.train
-        per_token = (6 if t.gradient_checkpointing != "false" else 4) * shape.params
+        # recomputation is one more forward pass through the layers that do not keep their activations
+        again = 0.0 if t.gradient_checkpointing == "false" else \
+            1 - min(t.checkpoint_keep_layers, shape.layers) / shape.layers
+        per_token = (4 + 2 * again) * shape.params
         attention = 2 * shape.layers * cfg.model.max_seq_length * shape.heads * shape.head_dim
-        per_token += attention * (4 if t.gradient_checkpointing != "false" else 3)
+        per_token += attention * (3 + again)
         est.step_seconds = est.tokens_per_step * per_token / (tflops * 1e12 * UTILISATION)
     est.assumptions = [
         f"backend {backend}, compute in {8 * _compute_bytes(cfg, device)}-bit, "
