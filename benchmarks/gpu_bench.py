@@ -256,6 +256,10 @@ def run_sftlib(model_dir: str, s: dict, data, max_steps: int, out: str, timer):
         cfg.train.resume = "never"
     model, tokenizer = load_model(cfg, backend)
     model = add_lora(model, cfg, backend)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # read before training: the flags say nothing after it (they read False for every layer then)
+    recomputed = [bool(m.gradient_checkpointing) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     static = _allocated_gib()
     captured = {}
 
@@ -267,9 +271,6 @@ def run_sftlib(model_dir: str, s: dict, data, max_steps: int, out: str, timer):
 
     result = train(cfg, model, tokenizer, data, backend=backend, callbacks=[timer, Keep()])
     plan = getattr(model, "sftlib_plan", None)
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    recomputed = [bool(m.gradient_checkpointing) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     extra = {"layers_recomputed": f"{sum(recomputed)} of {len(recomputed)}",
              "static_gib": static, "plan": plan.to_dict() if plan else None, "sftlib_tokens_per_s": result.tokens_per_s,
              "backend_reason": backend.reason,

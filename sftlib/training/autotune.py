@@ -27,7 +27,8 @@ about 16k tokens are slower, not faster (see MAX_TOKENS_PER_MICRO_BATCH). So the
    each, 9,258 and 9,455 tokens/s against 10,765 and 10,659 for eight rows recomputed (an earlier
    run's 12,862 was not reproduced, a later one gave 11,114 against 10,773; benchmarks/results/gpu_bench.md),
    so recomputation comes first there. To train one row at a time without it, set
-   `train.gradient_checkpointing: false`, `train.batch_size: 1`.
+   `train.gradient_checkpointing: false`, `train.batch_size: 1`. Two rows recomputing half the layers
+   (`train.checkpoint_keep_layers: 16`) ran 1.02x the plan there, with 12 kept 0.95x: not chosen either.
 
 "Fits" uses a memory model: the bytes already allocated (the loaded model, measured), plus the LoRA
 weights, gradients and optimizer states, plus activation bytes per token x tokens per micro-batch,
