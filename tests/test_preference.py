@@ -159,3 +159,20 @@ def test_a_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert [s for s, _ in again.train["losses"]] == [1, 2, 3, 4, 5, 6]
     assert [loss for _, loss in again.train["losses"][3:]] == \
         pytest.approx([loss for _, loss in first.train["losses"][3:]], rel=1e-4)
+
+
+def test_continuing_from_adapters_keeps_the_asked_layers_out_of_recomputation(tmp_path):
+    import sftlib
+    from sftlib import demo
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    first = config(tmp_path, demo.model_folder(), **{"data.source": "demo"})
+    trained = sftlib.add_adapters(first, sftlib.setup(first, log=QUIET), log=QUIET)
+    trained.save_pretrained(tmp_path / "lora")
+    cfg = config(tmp_path, demo.model_folder(), **{"train.method": "dpo", "data.source": "demo",
+                                                  "lora.start_from": str(tmp_path / "lora"),
+                                                  "train.gradient_checkpointing": "true",
+                                                  "train.checkpoint_keep_layers": 1})
+    model = sftlib.add_adapters(cfg, sftlib.setup(cfg, log=QUIET), log=QUIET)
+    flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(flags) >= 2 and sorted(flags) == [False] + [True] * (len(flags) - 1)
