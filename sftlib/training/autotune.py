@@ -127,15 +127,17 @@ class Plan:
 
 
 def activation_bytes_per_token(dims: ModelDims, checkpointing: str, *, backend: str = "unsloth",
-                               model: MemoryModel = MEASURED) -> float:
-    """Bytes of activations per trained token for `checkpointing` ("false", "unsloth" or "true")."""
+                               model: MemoryModel = MEASURED, keep_layers: int = 0) -> float:
+    """Bytes of activations per trained token for `checkpointing` ("false", "unsloth" or "true"), with
+    `keep_layers` of the layers not recomputed (`train.checkpoint_keep_layers`) keeping all of theirs."""
     layer = (dims.hidden + dims.intermediate) * 2
     if checkpointing == "false":
         per_token = model.no_checkpointing * dims.layers * layer
     else:
-        per_token = model.offloaded * layer
+        kept = min(keep_layers, dims.layers)
+        per_token = model.offloaded * layer + model.no_checkpointing * kept * layer
         if checkpointing != "unsloth":
-            per_token += dims.layers * dims.hidden * 2
+            per_token += (dims.layers - kept) * dims.hidden * 2
     if backend != "unsloth":
         if checkpointing == "false":
             per_token *= model.hf_factor
@@ -158,11 +160,11 @@ def divisors(n: int) -> list[int]:
 
 def plan(*, budget_bytes: float, static_bytes: float, dims: ModelDims, seq_len: int, batch_size: int,
          grad_accum: int, checkpointing: str, auto_batch: bool, backend: str = "unsloth",
-         model: MemoryModel = MEASURED) -> Plan:
+         model: MemoryModel = MEASURED, keep_layers: int = 0) -> Plan:
     """The settings to train with. `checkpointing` is the configured value; `auto` lets the plan choose.
 
     `static_bytes`: memory held before training (weights, LoRA, optimizer states); `budget_bytes`:
-    what the process may use in all.
+    what the process may use in all; `keep_layers`: layers exempt from recomputation wherever it is on.
     """
     effective = batch_size * grad_accum
     usable = budget_bytes * (1 - model.margin) - model.reserve_gib * GiB
@@ -179,7 +181,7 @@ def plan(*, budget_bytes: float, static_bytes: float, dims: ModelDims, seq_len: 
         candidates = [c for c in candidates if c not in tiny] + [(modes[1], b) for b in ordered] + tiny
     tried = []
     for mode, b in candidates:
-        per_token = activation_bytes_per_token(dims, mode, backend=backend, model=model)
+        per_token = activation_bytes_per_token(dims, mode, backend=backend, model=model, keep_layers=keep_layers)
         peak = static_bytes + model.overhead_gib * GiB + per_token * b * seq_len
         ok = peak <= usable
         tried.append((mode, b, round(peak / GiB, 2), ok))
@@ -191,7 +193,7 @@ def plan(*, budget_bytes: float, static_bytes: float, dims: ModelDims, seq_len: 
             return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, True, why, tried)
     mode, b = modes[-1], sizes[-1]
     peak = static_bytes + model.overhead_gib * GiB + \
-        activation_bytes_per_token(dims, mode, backend=backend, model=model) * b * seq_len
+        activation_bytes_per_token(dims, mode, backend=backend, model=model, keep_layers=keep_layers) * b * seq_len
     return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, False,
                 "nothing fits the estimate; trying the smallest setting", tried)
 
@@ -228,6 +230,7 @@ def plan_for_model(cfg, model, backend) -> Plan:
     return plan(budget_bytes=gpu_budget_bytes(device), static_bytes=static, dims=dims,
                 seq_len=cfg.model.max_seq_length, batch_size=t.batch_size, grad_accum=t.grad_accum,
                 checkpointing=t.gradient_checkpointing, auto_batch=t.auto_batch, backend=backend.name,
+                keep_layers=t.checkpoint_keep_layers,
                 model=PACKED_KERNEL if packed_attention.active() and t.packing else MEASURED)
 
 

@@ -258,9 +258,8 @@ def _peak_parts(cfg, shape: ModelShape, device: str, backend: str, embeddings_tr
     gc = t.gradient_checkpointing
     offload = gc == "unsloth" and backend == "unsloth"
     kept = min(t.checkpoint_keep_layers, L) if gc != "false" else 0  # layers that keep their activations
-    # what checkpointing keeps on the device: the recomputed layers' inputs, all of a kept layer's activations
-    inputs = 2 * tokens * b * h if offload else tokens * (L - kept) * b * h
-    inputs += tokens * kept * per_layer
+    inputs = 2 * tokens * b * h if offload else tokens * (L - kept) * b * h  # what checkpointing keeps on the device
+    kept_bytes = kept * (tokens * per_layer + mask_layer)  # each kept layer: its activations and mask copy
     activations = {"without checkpointing": (tokens * L * per_layer + final_norm) / GiB,
                    "with checkpointing": (tokens * L * b * h + tokens * per_layer + final_norm) / GiB}
     if backend == "unsloth":
@@ -274,15 +273,13 @@ def _peak_parts(cfg, shape: ModelShape, device: str, backend: str, embeddings_tr
         parts["gradients of one layer (*)"] = grads / GiB
         dynamic = tokens * L * per_layer + final_norm + mask_bool + L * mask_layer + max(grads, logits)
     else:
-        parts["checkpointed layer inputs"] = (inputs - tokens * kept * per_layer + final_norm) / GiB
+        parts["checkpointed layer inputs"] = (inputs + final_norm) / GiB
         if kept:
-            parts[f"activations of the {kept} layers not recomputed"] = tokens * kept * per_layer / GiB
+            parts[f"activations of the {kept} layers not recomputed"] = kept_bytes / GiB
         if mask_bool:
-            parts["attention mask" + (" and the kept layers' copies" if kept else "")] = \
-                (mask_bool + kept * mask_layer) / GiB
+            parts["attention mask"] = mask_bool / GiB
         parts["one layer recomputed, with gradients (*)"] = (tokens * per_layer + mask_layer + grads) / GiB
-        dynamic = inputs + final_norm + mask_bool + kept * mask_layer + \
-            max(tokens * per_layer + mask_layer + grads, logits)
+        dynamic = inputs + kept_bytes + final_norm + mask_bool + max(tokens * per_layer + mask_layer + grads, logits)
     parts["logits and their gradient (*)"] = logits / GiB
     return parts, weights, activations, tokens, (static + dynamic) / GiB
 
