@@ -274,6 +274,8 @@ def add_adapters(cfg, setup: Setup, *, log: Log = print):
         model = add_lora(setup.model, cfg, setup.backend, setup.tokens)
     if getattr(model, "sftlib_plan", None) is not None:  # `auto` settings: say what was chosen and why
         log(str(model.sftlib_plan))
+    if getattr(model, "sftlib_merged_lora", None):
+        log(model.sftlib_merged_lora)
     count = sum(trainable_parameters(model).values())
     log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} rslora={cfg.lora.use_rslora}: {count:,} trainable parameters")
     return model

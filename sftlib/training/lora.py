@@ -126,6 +126,9 @@ def add_lora(model, cfg, backend, tokens=None):
             use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[gc],
             random_state=cfg.train.seed, use_rslora=lora.use_rslora, use_dora=lora.use_dora, **rows_arg,
         )
+        from sftlib.training import merged_lora
+
+        model.sftlib_merged_lora = merged_lora.enable(model)  # one product per projection for large micro-batches
     else:
         from peft import LoraConfig, get_peft_model
 
