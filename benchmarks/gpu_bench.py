@@ -63,6 +63,13 @@ SETTINGS = {
     "sftlib:article-novarlen": dict(gc="unsloth", batch=8, accum=2, env={"SFTLIB_PACKED_VARLEN": "0"}),
     # SFTLIB_PAD_MULTIPLE=0: packed micro-batches not rounded up to a multiple of 8 tokens (sftlib/training/trainer.py)
     "sftlib:auto-nopad": dict(gc="auto", auto_batch=True, batch=8, accum=2, env={"SFTLIB_PAD_MULTIPLE": "0"}),
+    # SFTLIB_MERGED_LORA: LoRA folded into the dequantized weights (sftlib/training/merged_lora.py) off, or forced on
+    "sftlib:auto-nomerge": dict(gc="auto", auto_batch=True, batch=8, accum=2, env={"SFTLIB_MERGED_LORA": "0"}),
+    "sftlib:auto-15GiB-nomerge": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
+                                      env={"SFTLIB_MERGED_LORA": "0"}),
+    "sftlib:15GiB-gc-2x8-keep16-nomerge": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=16,
+                                               env={"SFTLIB_MERGED_LORA": "0"}),
+    "sftlib:15GiB-nogc-1x16-merge": dict(gc="false", batch=1, accum=16, cap=15, env={"SFTLIB_MERGED_LORA": "1"}),
     # under the T4-sized cap: one 2048-token row per micro-batch and no recomputation, instead of 8 x 2 recomputed
     "sftlib:15GiB-nogc-1x16": dict(gc="false", batch=1, accum=16, cap=15),
     "sftlib:15GiB-gc-8x2": dict(gc="unsloth", batch=8, accum=2, cap=15),
@@ -270,12 +277,14 @@ def run_sftlib(model_dir: str, s: dict, data, max_steps: int, out: str, timer):
             captured["history"] = list(state.log_history)
 
     result = train(cfg, model, tokenizer, data, backend=backend, callbacks=[timer, Keep()])
+    from sftlib.training import merged_lora
     plan = getattr(model, "sftlib_plan", None)
     extra = {"layers_recomputed": f"{sum(recomputed)} of {len(recomputed)}",
              "static_gib": static, "plan": plan.to_dict() if plan else None, "sftlib_tokens_per_s": result.tokens_per_s,
              "backend_reason": backend.reason,
              "batch": cfg.train.batch_size, "accum": cfg.train.grad_accum, "gc": cfg.train.gradient_checkpointing,
-             "keep_layers": cfg.train.checkpoint_keep_layers}
+             "keep_layers": cfg.train.checkpoint_keep_layers,
+             "merged_lora": getattr(model, "sftlib_merged_lora", None), "merged_lora_calls": merged_lora.calls()}
 
     class History:  # what summarise() reads from a trainer
         class state:
