@@ -228,6 +228,106 @@ def test_packed_attention_matches_per_document_sdpa():
     assert _check(_function()) is None
 
 
+# One training step of the 2-layer 4-bit model through sftlib's Unsloth path, LoRA B set to random values so the
+# adapters matter; saves the loss, the LoRA gradients and which path ran. argv: model folder, output file, and
+# "jitter" to move the input of every attention and MLP block by one bfloat16 rounding (the noise floor).
+_LORA_STEP = r"""
+import sys
+import unsloth  # noqa: F401  before transformers
+import torch
+from sftlib.config import RunConfig
+from sftlib.training import merged_lora
+from sftlib.training.backend import choose_backend
+from sftlib.training.lora import add_lora
+from sftlib.training.model import load_model
+
+folder, out = sys.argv[1:3]
+backend = choose_backend("unsloth")
+cfg = RunConfig.from_dict({"backend": "unsloth", "model": {"name": folder, "max_seq_length": 2048, "dtype": "bfloat16"},
+                           "lora": {"r": 16, "alpha": 16, "use_rslora": True, "train_embeddings": "never"},
+                           "train": {"gradient_checkpointing": "false", "seed": 0}})
+model, _ = load_model(cfg, backend)
+model = add_lora(model, cfg, backend)
+gen = torch.Generator().manual_seed(0)
+for name, p in model.named_parameters():
+    if "lora_B" in name:
+        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+ids = torch.randint(0, 128000, (8, 2048), generator=gen).cuda()
+if sys.argv[3:] == ["jitter"]:
+    cuda_gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def jitter(module, args, kwargs):
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        sign = torch.randint(0, 2, h.shape, generator=cuda_gen, device=h.device) * 2 - 1
+        h = (h.float() * (1 + 2.0 ** -8 * sign)).to(h.dtype)
+        return (args, dict(kwargs, hidden_states=h)) if "hidden_states" in kwargs else ((h,) + args[1:], kwargs)
+
+    for m in model.modules():
+        if hasattr(m, "self_attn") and hasattr(m, "mlp"):
+            m.self_attn.register_forward_pre_hook(jitter, with_kwargs=True)
+            m.mlp.register_forward_pre_hook(jitter, with_kwargs=True)
+model.train()
+loss = model(input_ids=ids, labels=ids).loss
+loss.backward()
+torch.save({"note": model.sftlib_merged_lora, "loss": loss.item(), "calls": merged_lora.calls(),
+            "grads": {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}}, out)
+"""
+
+
+@needs_cuda
+def test_merged_lora_matches_unsloth_products(tmp_path):
+    """LoRA folded into the dequantized weights (sftlib.training.merged_lora) against Unsloth's three products:
+    the same loss and LoRA gradients to bfloat16 rounding on the 4-bit model, and the merged path really ran."""
+    import torch
+
+    pytest.importorskip("unsloth")
+    model = os.environ.get("SFTLIB_GPU_MODEL")
+    if not model:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from make_model import write_model
+
+        model = str(write_model(Path(os.environ.get("SFTLIB_GPU_MODEL_CACHE", tmp_path / "llama-2l")), layers=2))
+    runs = {}
+    for name, setting, extra in (("merged", "1", []), ("products", "0", []), ("jitter", "0", ["jitter"])):
+        env = dict(os.environ, SFTLIB_MERGED_LORA=setting,
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        out = tmp_path / f"step-{name}.pt"
+        proc = subprocess.run([sys.executable, "-c", _LORA_STEP, model, str(out), *extra], capture_output=True,
+                              text=True, env=env, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        runs[name] = torch.load(out)
+    merged, products, jittered = runs["merged"], runs["products"], runs["jitter"]
+    assert merged["note"] and "layers fold LoRA" in merged["note"], merged["note"]
+    assert merged["calls"]["merged"] > 0 and merged["calls"]["unsloth"] == 0, merged["calls"]
+    assert products["note"] is None and products["calls"]["merged"] == 0
+    assert abs(merged["loss"] - products["loss"]) < 1e-3 * abs(products["loss"]), (merged["loss"], products["loss"])
+    assert merged["grads"].keys() == products["grads"].keys() and len(merged["grads"]) == 2 * 7 * 2
+    # Both paths round in bfloat16, at different places (the merged weight once, against X·Aᵀ and its product in
+    # Unsloth's), so neither gives the exact gradient, and on a random model with random tokens the LoRA
+    # gradients are sums of terms that mostly cancel: a rounding's worth of change moves them by percents (2.5%
+    # seen on an H100, the direction unchanged). The yardstick is Unsloth's own path with every block's input
+    # moved by one bfloat16 rounding: the merged path may differ from Unsloth's by at most twice that, and every
+    # gradient must point the same way (a wrong scale, a transpose or a missing term gives far more or a cosine
+    # far below 0.995). The exact formula is checked in float32 on the CPU (tests/test_merged_lora.py) and on
+    # this GPU's first layer by enable() itself.
+    def flat(run):
+        return torch.cat([run["grads"][n].flatten() for n in products["grads"]])
+
+    want = flat(products)
+    merged_diff = float((flat(merged) - want).norm() / want.norm())
+    noise = float((flat(jittered) - want).norm() / want.norm())
+    assert jittered["grads"].keys() == products["grads"].keys() and 0 < noise < 0.2, noise
+    report = {}
+    for name, want_p in products["grads"].items():
+        got = merged["grads"][name]
+        assert want_p.norm() > 0, name
+        report[name] = (round(float(torch.nn.functional.cosine_similarity(got.flatten(), want_p.flatten(), dim=0)), 5),
+                        round(float((got - want_p).norm() / want_p.norm()), 4))
+    print(f"LoRA gradients: merged against Unsloth's {merged_diff:.4f}, one rounding's jitter {noise:.4f}; {report}")
+    assert all(cos >= 0.995 for cos, _ in report.values()), report
+    assert merged_diff <= 2 * noise, (merged_diff, noise, report)
+
+
 if __name__ == "__main__":
     backend, model_dir, out_dir = sys.argv[1:4]
     print("RESULT " + json.dumps(scenario(backend, model_dir, out_dir), default=str), flush=True)
