@@ -139,3 +139,164 @@ def test_without_unsloth_nothing_changes(monkeypatch):
     monkeypatch.delenv("SFTLIB_MERGED_LORA", raising=False)
     note = merged_lora.enable(torch.nn.Linear(2, 2))
     assert note.startswith("merged LoRA: not used")
+
+
+# ---- the routing put on each layer (merged_lora._wrappers), on real bitsandbytes NF4 weights -------------------
+# Unsloth cannot import without a GPU; its fast_lora module is stood in for by what the wrappers call there: the
+# three original kernels (here the three-product formula itself, recording each call), its test for a plain
+# adapter, and get_lora_parameters (None for A and B while the adapter is disabled, as for DPO's reference pass).
+
+
+class _Proj:
+    def __init__(self, out_features, in_features, gen):
+        import bitsandbytes.functional as bnbf
+
+        weight = (torch.randn(out_features, in_features, generator=gen) * 0.1).to(torch.bfloat16)
+        self.W, self.quant = bnbf.quantize_4bit(weight, quant_type="nf4", blocksize=64)
+        self.A = (torch.randn(16, in_features, generator=gen) * 0.1).requires_grad_()
+        self.B = (torch.randn(out_features, 16, generator=gen) * 0.1).requires_grad_()
+        self.s, self.disabled, self.dropout = 0.5, False, False
+
+
+def _dequantize(W, quant, buffer):
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(W, quant)
+
+
+def _get(proj):
+    return (proj.W, proj.quant, None, None, None) if proj.disabled else (proj.W, proj.quant, proj.A, proj.B, proj.s)
+
+
+def _formula(X, proj):
+    W, quant, A, B, s = _get(proj)
+    Wd = _dequantize(W, quant, False).to(X.dtype)
+    out = X @ Wd.t()
+    return out if A is None else out + s * (X @ A.to(X.dtype).t()) @ B.to(X.dtype).t()
+
+
+class _FastLora:
+    """What merged_lora's wrappers use of unsloth.kernels.fast_lora."""
+
+    def __init__(self):
+        self.originals = 0
+
+    def apply_lora_qkv(self_fl, self, X):  # noqa: N805 - stands in for a module function taking (self, X)
+        self_fl.originals += 1
+        return tuple(_formula(X, p) for p in (self.q_proj, self.k_proj, self.v_proj))
+
+    def apply_lora_o(self_fl, self, X):  # noqa: N805
+        self_fl.originals += 1
+        return _formula(X, self.o_proj)
+
+    def apply_lora_mlp_swiglu(self_fl, self, X):  # noqa: N805
+        self_fl.originals += 1
+        return _formula(merged_lora.silu_mul(_formula(X, self.gate_proj), _formula(X, self.up_proj)), self.down_proj)
+
+    @staticmethod
+    def _has_multiple_active_adapters(proj):
+        return False
+
+    @staticmethod
+    def _has_active_dora_adapter(proj):
+        return False
+
+    @staticmethod
+    def _lora_dropout_and_bias(projs, X):
+        return ("dropout" if any(p.dropout for p in projs) else None), (None,) * len(projs)
+
+
+def _layer(hidden=64, kv=16, intermediate=128):
+    """Projections shaped like a small Llama layer: break-even at 43 tokens for q/k/v, 64 for o, 86 for the MLP."""
+    gen = torch.Generator().manual_seed(7)
+    attn = type("Attn", (), {})()
+    attn.q_proj, attn.k_proj, attn.v_proj = _Proj(hidden, hidden, gen), _Proj(kv, hidden, gen), _Proj(kv, hidden, gen)
+    attn.o_proj = _Proj(hidden, hidden, gen)
+    mlp = type("MLP", (), {})()
+    mlp.gate_proj, mlp.up_proj = _Proj(intermediate, hidden, gen), _Proj(intermediate, hidden, gen)
+    mlp.down_proj = _Proj(hidden, intermediate, gen)
+    return attn, mlp
+
+
+def _run(setting, tokens, dtype=torch.bfloat16, change=None):
+    """(merged calls, original calls, outputs and gradients through the wrappers, the same through the formula)."""
+    fl = _FastLora()
+    qkv, o, mlp_forward = merged_lora._wrappers(fl, _get, _dequantize, merged_lora.silu_mul,
+                                                merged_lora.silu_mul_backward, setting)
+    attn, mlp = _layer()
+    if change:
+        change(attn, mlp)
+    X = torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(8)).to(dtype).requires_grad_()
+    leaves = [X] + [t for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                mlp.down_proj) for t in (p.A, p.B) if not p.disabled]
+    before = merged_lora.calls()["merged"]
+    got = [*qkv(attn, X), o(attn, X), mlp_forward(mlp, X)]
+    merged = merged_lora.calls()["merged"] - before
+    originals = fl.originals
+    want = [*_FastLora.apply_lora_qkv(fl, attn, X), _FastLora.apply_lora_o(fl, attn, X),
+            _FastLora.apply_lora_mlp_swiglu(fl, mlp, X)]
+    return merged, originals, got + list(_grads(got, leaves)), want + list(_grads(want, leaves))
+
+
+def _near(got, want, rel):
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert (a.float() - b.float()).abs().max() <= rel * b.float().abs().max(), \
+            float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def test_routing_by_tokens_on_nf4_weights():
+    merged, originals, got, want = _run("auto", 100)  # above every group's break-even
+    assert (merged, originals) == (3, 0)
+    _near(got, want, 3e-2)  # bfloat16: the merged weight and each product rounded once
+    merged, originals, got, want = _run("auto", 50)  # q/k/v merge (43), o (64) and the MLP (86) do not
+    assert (merged, originals) == (1, 2)
+    _near(got, want, 3e-2)
+    merged, originals, got, want = _run("auto", 40)
+    assert (merged, originals) == (0, 3)
+    _near(got, want, 0)  # nothing merged: the original kernels' own results
+    merged, originals, got, want = _run("on", 8)  # forced, however small
+    assert (merged, originals) == (3, 0)
+    _near(got, want, 3e-2)
+
+
+def test_float32_merged_path_equals_the_formula_on_nf4_weights():
+    """With 16-bit weights dequantized from NF4 and float32 inputs the quantization type differs from X's: the
+    wrappers leave those to Unsloth. Forced through `shared`/`mlp` directly, the path equals the formula."""
+    merged, originals, got, want = _run("auto", 100, dtype=torch.float32)
+    assert (merged, originals) == (0, 3)  # Unsloth's kernels compute in the quantized dtype: not ours to take
+    attn, mlp = _layer()
+    X = torch.randn(1, 100, 64, generator=torch.Generator().manual_seed(9), requires_grad=True)
+
+    def f32(p):
+        return (p.W, p.quant, p.A, p.B, p.s)
+
+    def dequantize32(W, quant, buffer):
+        return _dequantize(W, quant, buffer).float()
+
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    leaves = [X] + [t for p in projs for t in (p.A, p.B)]
+    got = [*merged_lora.shared(X, [f32(p) for p in projs[:3]], dequantize32),
+           *merged_lora.shared(X, [f32(attn.o_proj)], dequantize32),
+           merged_lora.mlp(X, *[f32(p) for p in projs[4:]], dequantize32)]
+    want = [_formula(X, p) for p in projs[:4]]
+    want.append(_formula(merged_lora.silu_mul(_formula(X, mlp.gate_proj), _formula(X, mlp.up_proj)), mlp.down_proj))
+    _near(got + list(_grads(got, leaves)), want + list(_grads(want, leaves)), 1e-5)
+
+
+def test_disabled_adapters_and_dropout_keep_the_original_kernels():
+    """DPO's reference pass disables the adapter: no LoRA term may be merged in then; dropout is Unsloth's too."""
+    def disable(attn, mlp):
+        for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            p.disabled = True
+
+    merged, originals, got, want = _run("on", 100, change=disable)
+    assert (merged, originals) == (0, 3)
+    _near(got, want, 0)
+
+    def dropout(attn, mlp):
+        attn.k_proj.dropout = True
+
+    merged, originals, got, want = _run("on", 100, change=dropout)
+    assert (merged, originals) == (2, 1)  # o and the MLP merge; q/k/v, one of which has dropout, do not
+    _near(got, want, 3e-2)
