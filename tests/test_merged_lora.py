@@ -60,28 +60,33 @@ def _grads(outputs, leaves, seed=5):
     return torch.autograd.grad(total, leaves)
 
 
+def same(got: list, want: list, leaves: list):
+    """The outputs and the gradients of `leaves` under one random weighting of the outputs agree."""
+    for a, b in zip(got + list(_grads(got, leaves)), want + list(_grads(want, leaves)), strict=True):
+        close(a, b)
+
+
+def _input(projs, rows: int, length: int, seed: int):
+    """X for projections sharing their input, and the leaves whose gradients are compared: X, each A and B."""
+    X = torch.randn(rows, length, projs[0].in_features, generator=torch.Generator().manual_seed(seed),
+                    requires_grad=True)
+    return X, [X] + [t for p in projs for t in (p.lora_A["default"].weight, p.lora_B["default"].weight)]
+
+
 @pytest.mark.parametrize("model", ["tiny_model_dir", "stories_dir"])
 def test_attention_projections_match_peft(request, model):
     layer = _adapted(request.getfixturevalue(model))
     attn = layer.self_attn
     projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-    X = torch.randn(2, 19, attn.q_proj.in_features, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    leaves = [X] + [t for p in projs for t in (p.lora_A["default"].weight, p.lora_B["default"].weight)]
+    X, leaves = _input(projs, 2, 19, seed=1)
 
     want = [p(X) for p in projs]  # PEFT: base(x) + lora_B(lora_A(x)) * scaling
-    got = list(merged_lora.shared(X, [_params(p) for p in projs], copy))
-    for a, b in zip(got, want):
-        close(a, b)
-    for a, b in zip(_grads(got, leaves), _grads(want, leaves)):
-        close(a, b)
+    same(list(merged_lora.shared(X, [_params(p) for p in projs], copy)), want, leaves)
 
     o = attn.o_proj
-    leaves = [X, o.lora_A["default"].weight, o.lora_B["default"].weight]
     Xo = X[..., :o.in_features]
-    (got,) = merged_lora.shared(Xo, [_params(o)], copy)
-    close(got, o(Xo))
-    for a, b in zip(_grads([got], leaves), _grads([o(Xo)], leaves)):
-        close(a, b)
+    same(list(merged_lora.shared(Xo, [_params(o)], copy)), [o(Xo)],
+         [X, o.lora_A["default"].weight, o.lora_B["default"].weight])
 
 
 @pytest.mark.parametrize("model", ["tiny_model_dir", "stories_dir"])
@@ -89,14 +94,10 @@ def test_mlp_matches_peft(request, model):
     layer = _adapted(request.getfixturevalue(model))
     block = layer.mlp
     projs = [block.gate_proj, block.up_proj, block.down_proj]
-    X = torch.randn(3, 11, block.gate_proj.in_features, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    leaves = [X] + [t for p in projs for t in (p.lora_A["default"].weight, p.lora_B["default"].weight)]
+    X, leaves = _input(projs, 3, 11, seed=2)
 
     want = block(X)  # transformers' LlamaMLP over PEFT's projections: down(silu(gate(x)) * up(x))
-    got = merged_lora.mlp(X, *[_params(p) for p in projs], copy)
-    close(got, want)
-    for a, b in zip(_grads([got], leaves), _grads([want], leaves)):
-        close(a, b)
+    same([merged_lora.mlp(X, *[_params(p) for p in projs], copy)], [want], leaves)
 
 
 def test_bfloat16_keeps_the_lora_term_and_is_exact_while_b_is_zero(tiny_model_dir):

@@ -213,37 +213,25 @@ def _params(get, projs, X):
 
 
 def _wrappers(fl, get, dequantize, fg, dfg, setting):
-    def merge(params, X) -> bool:
-        if setting == "on":
-            return True
-        shapes = [tuple(p[1].shape) for p in params]
-        return X.numel() // X.shape[-1] >= break_even_tokens(shapes)
+    def chosen(projs, X):
+        """(W, quant, A, B, s) per projection when this call takes the merged path, else None (Unsloth's)."""
+        params = _plain(fl, projs, X) and _params(get, projs, X)
+        take = bool(params) and (setting == "on" or X.numel() // X.shape[-1] >= break_even_tokens(
+            [tuple(p[1].shape) for p in params]))
+        _CALLS["merged" if take else "unsloth"] += 1
+        return params if take else None
 
     def apply_qkv(self, X, original=fl.apply_lora_qkv):
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        params = _plain(fl, projs, X) and _params(get, projs, X)
-        if not params or not merge(params, X):
-            _CALLS["unsloth"] += 1
-            return original(self, X)
-        _CALLS["merged"] += 1
-        return shared(X, params, dequantize)
+        params = chosen((self.q_proj, self.k_proj, self.v_proj), X)
+        return original(self, X) if params is None else shared(X, params, dequantize)
 
     def apply_o(self, X, original=fl.apply_lora_o):
-        params = _plain(fl, (self.o_proj,), X) and _params(get, (self.o_proj,), X)
-        if not params or not merge(params, X):
-            _CALLS["unsloth"] += 1
-            return original(self, X)
-        _CALLS["merged"] += 1
-        return shared(X, params, dequantize)[0]
+        params = chosen((self.o_proj,), X)
+        return original(self, X) if params is None else shared(X, params, dequantize)[0]
 
     def mlp_forward(self, X, original=fl.apply_lora_mlp_swiglu):
-        projs = (self.gate_proj, self.up_proj, self.down_proj)
-        params = _plain(fl, projs, X) and _params(get, projs, X)
-        if not params or not merge(params, X):
-            _CALLS["unsloth"] += 1
-            return original(self, X)
-        _CALLS["merged"] += 1
-        return mlp(X, *params, dequantize, fg, dfg)
+        params = chosen((self.gate_proj, self.up_proj, self.down_proj), X)
+        return original(self, X) if params is None else mlp(X, *params, dequantize, fg, dfg)
 
     return apply_qkv, apply_o, mlp_forward
 
