@@ -156,7 +156,7 @@ class _Proj:
         self.W, self.quant = bnbf.quantize_4bit(weight, quant_type="nf4", blocksize=64)
         self.A = (torch.randn(16, in_features, generator=gen) * 0.1).requires_grad_()
         self.B = (torch.randn(out_features, 16, generator=gen) * 0.1).requires_grad_()
-        self.s, self.disabled, self.dropout = 0.5, False, False
+        self.s, self.disabled, self.dropout, self.fake_quant = 0.5, False, False, False
 
 
 def _dequantize(W, quant, buffer):
@@ -201,6 +201,10 @@ class _FastLora:
     @staticmethod
     def _has_active_dora_adapter(proj):
         return False
+
+    @staticmethod
+    def _has_activation_fake_quantizer(proj):
+        return proj.fake_quant
 
     @staticmethod
     def _lora_dropout_and_bias(projs, X):
@@ -285,8 +289,9 @@ def test_float32_merged_path_equals_the_formula_on_nf4_weights():
     _near(got + list(_grads(got, leaves)), want + list(_grads(want, leaves)), 1e-5)
 
 
-def test_disabled_adapters_and_dropout_keep_the_original_kernels():
-    """DPO's reference pass disables the adapter: no LoRA term may be merged in then; dropout is Unsloth's too."""
+def test_disabled_adapters_dropout_and_fake_quantizers_keep_the_original_kernels():
+    """DPO's reference pass disables the adapter: no LoRA term may be merged in then; dropout and QAT's activation
+    fake-quantizers are Unsloth's (or PEFT's) too."""
     def disable(attn, mlp):
         for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             p.disabled = True
@@ -300,4 +305,11 @@ def test_disabled_adapters_and_dropout_keep_the_original_kernels():
 
     merged, originals, got, want = _run("on", 100, change=dropout)
     assert (merged, originals) == (2, 1)  # o and the MLP merge; q/k/v, one of which has dropout, do not
+    _near(got, want, 3e-2)
+
+    def fake_quant(attn, mlp):  # quantization-aware training's activation fake-quantizer on down_proj
+        mlp.down_proj.fake_quant = True
+
+    merged, originals, got, want = _run("on", 100, change=fake_quant)
+    assert (merged, originals) == (2, 1)
     _near(got, want, 3e-2)

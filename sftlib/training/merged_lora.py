@@ -9,16 +9,19 @@ backward pass does the same to the whole input gradient and reads X again for ea
 For T tokens and a weight of `out` x `in`, those extra passes move about 4·T·(out + in) bytes in bfloat16.
 The weight is dequantized into a buffer anyway: adding s·B·A to it there (out·in elements read and written)
 and making one product moves less once T is above 2·out·in / (out + in) tokens, summed over a group (for
-Llama-3-8B: 2,731 for q/k/v, 4,096 for o_proj, 6,372 for the MLP): eight packed 2048-token rows are 16,384. Each group (q/k/v, o, the MLP) decides
-per call from its own tokens, so short micro-batches keep Unsloth's products. The LoRA gradients are
-computed as before from X and the output gradient, reading X once for the whole group.
+Llama-3-8B: 2,731 for q/k/v, 4,096 for o_proj, 6,372 for the MLP): eight packed 2048-token rows are 16,384.
+Each group decides per call from its own tokens, so short micro-batches keep Unsloth's products. The LoRA
+gradients are computed as before from X and the output gradient, reading X once for the whole group.
 
 What changes numerically: the merged weight is rounded to bfloat16 once per product, as a merged 16-bit
 export rounds it; the error is about 2⁻⁹ of a weight, far below the 4-bit quantization's own. With B at
 zero (the start of training) it is exact. `enable()` first checks the path on the model's first layer
 against the three-product formula (outputs and gradients of X, A and B within bfloat16 rounding); when
 that fails, or the model is not a 4-bit Llama-like one patched by Unsloth, nothing changes and the note
-says why. `SFTLIB_MERGED_LORA=0` turns it off, `=1` merges whatever the micro-batch size (to measure both).
+says why. Per call, whatever Unsloth's kernels would not run plainly stays with them: a disabled adapter
+(DPO's reference pass), LoRA dropout or bias, DoRA, several active adapters, activation fake-quantizers,
+an input dtype other than the weights'. `SFTLIB_MERGED_LORA=0` turns it off, `=1` merges whatever the
+micro-batch size (to measure both).
 """
 
 from __future__ import annotations
@@ -195,8 +198,11 @@ def _decoder_layers(model):
 
 
 def _plain(fl, projs, X) -> bool:
-    """Whether Unsloth would run these projections' fused path with no dropout and no LoRA bias (its own test)."""
-    if any(fl._has_multiple_active_adapters(p) or fl._has_active_dora_adapter(p) for p in projs):
+    """Whether Unsloth would run these projections' fused path with no dropout and no LoRA bias (its own tests;
+    activation fake-quantizers of quantization-aware training, where this Unsloth has the test, leave it too)."""
+    fake_quant = getattr(fl, "_has_activation_fake_quantizer", None)
+    if any(fl._has_multiple_active_adapters(p) or fl._has_active_dora_adapter(p) or (fake_quant and fake_quant(p))
+           for p in projs):
         return False
     return fl._lora_dropout_and_bias(projs, X) == (None, (None,) * len(projs))
 
