@@ -117,7 +117,7 @@ def test_bfloat16_keeps_the_lora_term_and_is_exact_while_b_is_zero(tiny_model_di
 
 
 def test_break_even_sizes_for_llama_3_8b():
-    """Above these many tokens per micro-batch, merging moves fewer bytes than Unsloth's LoRA passes."""
+    """From these many tokens per micro-batch a group merges: 1.5x where merging starts to move fewer bytes."""
     h, i, kv = 4096, 14336, 1024
     assert merged_lora.break_even_tokens([(h, h)]) == 4096  # o_proj
     assert round(merged_lora.break_even_tokens([(h, h), (kv, h), (kv, h)])) == 2731  # q, k, v

@@ -6,12 +6,14 @@
 Unsloth's LoRA kernels make three products per projection: the base one over the freshly dequantized weight,
 X·Aᵀ, and an add of s·(X·Aᵀ)·Bᵀ into the whole output, which reads and writes that output once more; the
 backward pass does the same to the whole input gradient and reads X again for each of q, k, v (and gate, up).
-For T tokens and a weight of `out` x `in`, those extra passes move about 4·T·(out + in) bytes in bfloat16.
-The weight is dequantized into a buffer anyway: adding s·B·A to it there (out·in elements read and written)
-and making one product moves less once T is above 2·out·in / (out + in) tokens, summed over a group (for
-Llama-3-8B: 2,731 for q/k/v, 4,096 for o_proj, 6,372 for the MLP): eight packed 2048-token rows are 16,384.
-Each group decides per call from its own tokens, so short micro-batches keep Unsloth's products. The LoRA
-gradients are computed as before from X and the output gradient, reading X once for the whole group.
+For T tokens and a weight of `out` x `in`, those extra passes read or write about T·(in + 2·out) elements
+forward and T·(out + 2·in) backward, 3·T·(out + in) in all. The weight is dequantized into a buffer anyway:
+adding s·B·A to it there reads and writes out·in elements in each direction, 4·out·in in all, so merging
+moves less once T is above 4/3·out·in / (out + in). The switch is set at 2·out·in / (out + in) tokens, half
+again as many (a margin for what this count leaves out), summed over a group: for Llama-3-8B 2,731 for
+q/k/v, 4,096 for o_proj, 6,372 for the MLP; eight packed 2048-token rows are 16,384. Each group decides per
+call from its own tokens, so short micro-batches keep Unsloth's products. The LoRA gradients are computed as
+before from X and the output gradient, reading X once for the whole group.
 
 What changes numerically: the merged weight is rounded to bfloat16 once per product, as a merged 16-bit
 export rounds it; the error is about 2⁻⁹ of a weight, far below the 4-bit quantization's own. With B at
@@ -44,7 +46,8 @@ def mode() -> str:
 
 
 def break_even_tokens(shapes) -> float:
-    """Tokens above which merging moves fewer bytes than the LoRA passes, for weights of (out, in) `shapes`."""
+    """Tokens per micro-batch from which a group of weights of (out, in) `shapes` is merged: 1.5 x the size above
+    which merging moves fewer bytes than Unsloth's LoRA passes (see the module's docstring)."""
     return 2 * sum(o * i for o, i in shapes) / sum(o + i for o, i in shapes)
 
 
@@ -344,5 +347,5 @@ def enable(model) -> str | None:
         layer.self_attn.apply_qkv = qkv
         layer.self_attn.apply_o = o
         layer.mlp.forward = types.MethodType(mlp_forward, layer.mlp)
-    when = "every micro-batch" if setting == "on" else "micro-batches above each group's break-even size"
+    when = "every micro-batch" if setting == "on" else "micro-batches from each group's switch size on"
     return f"merged LoRA: {len(layers)} layers fold LoRA into the dequantized weights ({when})"
