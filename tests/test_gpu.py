@@ -262,10 +262,9 @@ if sys.argv[3:] == ["jitter"]:
         h = (h.float() * (1 + 2.0 ** -8 * sign)).to(h.dtype)
         return (args, dict(kwargs, hidden_states=h)) if "hidden_states" in kwargs else ((h,) + args[1:], kwargs)
 
-    for m in model.modules():
-        if hasattr(m, "self_attn") and hasattr(m, "mlp"):
-            m.self_attn.register_forward_pre_hook(jitter, with_kwargs=True)
-            m.mlp.register_forward_pre_hook(jitter, with_kwargs=True)
+    for layer in merged_lora._decoder_layers(model):
+        layer.self_attn.register_forward_pre_hook(jitter, with_kwargs=True)
+        layer.mlp.register_forward_pre_hook(jitter, with_kwargs=True)
 model.train()
 loss = model(input_ids=ids, labels=ids).loss
 loss.backward()

@@ -180,7 +180,7 @@ class _FastLora:
     """What merged_lora's wrappers use of unsloth.kernels.fast_lora."""
 
     def __init__(self):
-        self.originals = 0
+        self.originals = self.checks = 0
 
     def apply_lora_qkv(self_fl, self, X):  # noqa: N805 - stands in for a module function taking (self, X)
         self_fl.originals += 1
@@ -206,8 +206,8 @@ class _FastLora:
     def _has_activation_fake_quantizer(proj):
         return proj.fake_quant
 
-    @staticmethod
-    def _lora_dropout_and_bias(projs, X):
+    def _lora_dropout_and_bias(self, projs, X):
+        self.checks += 1
         return ("dropout" if any(p.dropout for p in projs) else None), (None,) * len(projs)
 
 
@@ -238,6 +238,9 @@ def _run(setting, tokens, dtype=torch.bfloat16, change=None):
     got = [*qkv(attn, X), o(attn, X), mlp_forward(mlp, X)]
     merged = merged_lora.calls()["merged"] - before
     originals = fl.originals
+    groups = [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    if setting == "auto" and tokens < min(merged_lora._switch_size(_get, g) for g in groups):
+        assert fl.checks == 0  # too few tokens: sent on at once, Unsloth's checks not run twice
     want = [*_FastLora.apply_lora_qkv(fl, attn, X), _FastLora.apply_lora_o(fl, attn, X),
             _FastLora.apply_lora_mlp_swiglu(fl, mlp, X)]
     return merged, originals, got + list(_grads(got, leaves)), want + list(_grads(want, leaves))

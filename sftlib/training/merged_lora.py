@@ -221,14 +221,27 @@ def _params(get, projs, X):
     return out
 
 
+def _switch_size(get, projs) -> float:
+    """The group's switch size from its 4-bit weights' shapes; infinite when one is not 4-bit."""
+    quants = [get(p)[1] for p in projs]
+    if not all(_bnb_4bit(q) for q in quants):
+        return float("inf")
+    return break_even_tokens([tuple(q.shape) for q in quants])
+
+
 def _wrappers(fl, get, dequantize, fg, dfg, setting):
+    sizes = {}  # the switch size of each group, by its first projection: the shapes never change
+
     def chosen(projs, X):
-        """(W, quant, A, B, s) per projection when this call takes the merged path, else None (Unsloth's)."""
-        params = _plain(fl, projs, X) and _params(get, projs, X)
-        take = bool(params) and (setting == "on" or X.numel() // X.shape[-1] >= break_even_tokens(
-            [tuple(p[1].shape) for p in params]))
-        _CALLS["merged" if take else "unsloth"] += 1
-        return params if take else None
+        """(W, quant, A, B, s) per projection when this call takes the merged path, else None (Unsloth's).
+        Small micro-batches are sent on by their token count alone: Unsloth runs its own checks again."""
+        params, size = None, sizes.get(id(projs[0]))
+        if size is None:
+            size = sizes[id(projs[0])] = _switch_size(get, projs)
+        if setting == "on" or X.numel() // X.shape[-1] >= size:
+            params = _plain(fl, projs, X) and _params(get, projs, X)
+        _CALLS["merged" if params else "unsloth"] += 1
+        return params or None
 
     def apply_qkv(self, X, original=fl.apply_lora_qkv):
         params = chosen((self.q_proj, self.k_proj, self.v_proj), X)
