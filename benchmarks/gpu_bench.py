@@ -81,7 +81,11 @@ SETTINGS = {
     "sftlib:15GiB-gc-2x8-keep12": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=12),
     "sftlib:15GiB-gc-2x8-keep16": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=16),
     "sftlib:15GiB-gc-4x4-keep6": dict(gc="unsloth", batch=4, accum=4, cap=15, keep=6),
+    "sftlib:15GiB-gc-4x4-keep8": dict(gc="unsloth", batch=4, accum=4, cap=15, keep=8),
 }
+# NAME-exp: NAME with the CUDA allocator's expandable segments (fewer cache flushes near a memory cap)
+SETTINGS.update({f"{k}-exp": dict(v, env={**v.get("env", {}), "PYTORCH_ALLOC_CONF": "expandable_segments:True"})
+                 for k, v in list(SETTINGS.items()) if not k.startswith("hf:")})
 DEFAULT_RUNS = "unsloth:article,sftlib:auto,hf:article,sftlib:article,sftlib:auto-40GiB,sftlib:auto-15GiB"
 
 
@@ -184,6 +188,9 @@ def summarise(timer, log_history, warmup: int) -> dict:
         "tokens_seen": timer.marks[-1][1] - timer.marks[0][1] if timer.marks else None,  # all steps, warm-up too
         "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
         "reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30,
+        # cudaMalloc failures answered by emptying the cache and retrying: each one synchronises the device
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries"),
+        "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "first_losses": [round(float(x["loss"]), 4) for x in log_history if "loss" in x][:5],
     }
 
