@@ -7,6 +7,8 @@ of the input and of both LoRA matrices. On the GPU it runs over Unsloth's 4-bit 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -316,3 +318,103 @@ def test_disabled_adapters_dropout_and_fake_quantizers_keep_the_original_kernels
     merged, originals, got, want = _run("on", 100, change=fake_quant)
     assert (merged, originals) == (2, 1)
     _near(got, want, 3e-2)
+
+
+# ---- recomputation: the down product skipped where nobody reads it ------------------------------------------
+# Unsloth's checkpointers run a layer's forward without autograd, keep its input, and in the backward pass run the
+# forward again under a thread-local mark (unsloth_zoo's in_gradient_checkpoint_recompute) before going backward
+# from its output. The stand-in below does the same, with its own mark.
+
+_MARK = threading.local()
+
+
+def _recomputing() -> bool:
+    return getattr(_MARK, "active", False)
+
+
+class _Checkpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, X):
+        ctx.fn = fn
+        ctx.save_for_backward(X)
+        with torch.no_grad():
+            return fn(X)
+
+    @staticmethod
+    def backward(ctx, dY):
+        (X,) = ctx.saved_tensors
+        X = X.detach().requires_grad_()
+        _MARK.active = True
+        try:
+            with torch.enable_grad():
+                out = ctx.fn(X)
+        finally:
+            _MARK.active = False
+        torch.autograd.backward(out, dY)
+        return None, X.grad
+
+
+def _two_layers(recomputing, checkpointed=True):
+    """(output, gradients of X and every A and B) of two Llama-like layers on NF4 weights, each recomputed in the
+    backward pass: h = X + o(v(X)); out = h + mlp(norm(h)), the MLP's output only added to the residual."""
+    fl = _FastLora()
+    qkv, o, mlp_forward = merged_lora._wrappers(fl, _get, _dequantize, merged_lora.silu_mul,
+                                                merged_lora.silu_mul_backward, "on", recomputing)
+    layers = [_layer(), _layer()]
+    X = torch.randn(1, 100, 64, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16).requires_grad_()
+
+    def layer(attn, mlp):
+        def fn(x):
+            h = x + o(attn, qkv(attn, x)[0])
+            return h + mlp_forward(mlp, torch.nn.functional.rms_norm(h, (64,)))
+        return fn
+
+    out = X
+    for attn, mlp in layers:
+        out = _Checkpoint.apply(layer(attn, mlp), out) if checkpointed else layer(attn, mlp)(out)
+    leaves = [X] + [t for attn, mlp in layers for p in (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                                        mlp.down_proj) for t in (p.A, p.B)]
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(12))
+    (out.float() * weights).sum().backward()  # as a trainer does: the recomputed layers add to each leaf's .grad
+    return [out, *[t.grad for t in leaves]]
+
+
+def test_recomputed_layers_skip_the_down_product_with_the_same_gradients():
+    before = merged_lora.calls()["skipped"]
+    skipping = _two_layers(_recomputing)
+    assert merged_lora.calls()["skipped"] - before == 2  # once per layer, in its recomputation only
+    computing = _two_layers(None)
+    plain = _two_layers(None, checkpointed=False)
+    assert merged_lora.calls()["skipped"] - before == 2
+    for a, b, c in zip(skipping, computing, plain, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)  # bit for bit: the same operations on the same values
+
+
+def test_skipped_output_has_the_shape_and_not_the_values():
+    attn, mlp = _layer()
+    X = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    params = [_get(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    seen = []
+
+    def dequantize(W, quant, buffer):
+        seen.append(tuple(quant.shape))
+        return _dequantize(W, quant, buffer)
+
+    want = merged_lora.mlp(X, *params, dequantize)
+    assert seen == [(128, 64), (128, 64), (64, 128)]
+    seen.clear()
+    got = merged_lora.mlp(X, *params, dequantize, skip=True)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert seen == [(128, 64), (128, 64)]  # gate and up only: down's weight is neither dequantized nor multiplied
+
+
+def test_recompute_skip_switch(monkeypatch):
+    monkeypatch.setenv("SFTLIB_RECOMPUTE_SKIP", "0")
+    assert merged_lora.recompute_skip() is False
+    assert merged_lora._recompute_probe([]) is None
+    monkeypatch.setenv("SFTLIB_RECOMPUTE_SKIP", "1")
+    assert merged_lora.recompute_skip() is True
+    assert merged_lora._recompute_probe([]) is None  # no Unsloth here: nothing to skip with
+    monkeypatch.setenv("SFTLIB_RECOMPUTE_SKIP", "sometimes")
+    with pytest.raises(ValueError, match="SFTLIB_RECOMPUTE_SKIP must be 0 or 1"):
+        merged_lora.recompute_skip()
