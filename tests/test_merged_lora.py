@@ -409,6 +409,8 @@ def test_skipped_output_has_the_shape_and_not_the_values():
 
 
 def test_recompute_skip_switch(monkeypatch):
+    monkeypatch.delenv("SFTLIB_RECOMPUTE_SKIP", raising=False)
+    assert merged_lora.recompute_skip() is False  # off until measured on a GPU
     monkeypatch.setenv("SFTLIB_RECOMPUTE_SKIP", "0")
     assert merged_lora.recompute_skip() is False
     assert merged_lora._recompute_probe([]) is None
