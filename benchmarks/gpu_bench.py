@@ -67,9 +67,9 @@ SETTINGS = {
     "sftlib:auto-nomerge": dict(gc="auto", auto_batch=True, batch=8, accum=2, env={"SFTLIB_MERGED_LORA": "0"}),
     "sftlib:auto-15GiB-nomerge": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
                                       env={"SFTLIB_MERGED_LORA": "0"}),
-    # SFTLIB_RECOMPUTE_SKIP=0: recomputed layers make their MLP's down product too (sftlib/training/merged_lora.py)
-    "sftlib:auto-15GiB-noskip": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
-                                     env={"SFTLIB_RECOMPUTE_SKIP": "0"}),
+    # SFTLIB_RECOMPUTE_SKIP=1: recomputed layers skip their MLP's down product (sftlib/training/merged_lora.py)
+    "sftlib:auto-15GiB-skip": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
+                                   env={"SFTLIB_RECOMPUTE_SKIP": "1"}),
     "sftlib:15GiB-gc-2x8-keep16-nomerge": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=16,
                                                env={"SFTLIB_MERGED_LORA": "0"}),
     "sftlib:15GiB-nogc-1x16-merge": dict(gc="false", batch=1, accum=16, cap=15, env={"SFTLIB_MERGED_LORA": "1"}),
@@ -84,11 +84,7 @@ SETTINGS = {
     "sftlib:15GiB-gc-2x8-keep12": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=12),
     "sftlib:15GiB-gc-2x8-keep16": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=16),
     "sftlib:15GiB-gc-4x4-keep6": dict(gc="unsloth", batch=4, accum=4, cap=15, keep=6),
-    "sftlib:15GiB-gc-4x4-keep8": dict(gc="unsloth", batch=4, accum=4, cap=15, keep=8),
 }
-# NAME-exp: NAME with the CUDA allocator's expandable segments (fewer cache flushes near a memory cap)
-SETTINGS.update({f"{k}-exp": dict(v, env={**v.get("env", {}), "PYTORCH_ALLOC_CONF": "expandable_segments:True"})
-                 for k, v in list(SETTINGS.items()) if not k.startswith("hf:")})
 DEFAULT_RUNS = "unsloth:article,sftlib:auto,hf:article,sftlib:article,sftlib:auto-40GiB,sftlib:auto-15GiB"
 
 
@@ -193,6 +189,7 @@ def summarise(timer, log_history, warmup: int) -> dict:
         "reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30,
         # cudaMalloc failures answered by emptying the cache and retrying: each one synchronises the device
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries"),
+        # the allocator's settings (importing unsloth_zoo sets expandable segments where they work)
         "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "first_losses": [round(float(x["loss"]), 4) for x in log_history if "loss" in x][:5],
     }
