@@ -242,10 +242,11 @@ from sftlib.training.lora import add_lora
 from sftlib.training.model import load_model
 
 folder, out = sys.argv[1:3]
+checkpointing = "unsloth" if "recompute" in sys.argv[3:] else "false"
 backend = choose_backend("unsloth")
 cfg = RunConfig.from_dict({"backend": "unsloth", "model": {"name": folder, "max_seq_length": 2048, "dtype": "bfloat16"},
                            "lora": {"r": 16, "alpha": 16, "use_rslora": True, "train_embeddings": "never"},
-                           "train": {"gradient_checkpointing": "false", "seed": 0}})
+                           "train": {"gradient_checkpointing": checkpointing, "seed": 0}})
 model, _ = load_model(cfg, backend)
 model = add_lora(model, cfg, backend)
 gen = torch.Generator().manual_seed(0)
@@ -253,7 +254,7 @@ for name, p in model.named_parameters():
     if "lora_B" in name:
         p.data.copy_(torch.randn(p.shape, generator=gen) * 0.01)
 ids = torch.randint(0, 128000, (8, 2048), generator=gen).cuda()
-if sys.argv[3:] == ["jitter"]:
+if "jitter" in sys.argv[3:]:
     cuda_gen = torch.Generator(device="cuda").manual_seed(1)
 
     def jitter(module, args, kwargs):
@@ -273,6 +274,52 @@ torch.save({"note": model.sftlib_merged_lora, "loss": loss.item(), "calls": merg
 """
 
 
+def _lora_step(model: str, out: Path, env: dict, extra: list) -> dict:
+    """One forward and backward pass of `_LORA_STEP` in a fresh process: its loss, gradients, note and call counts."""
+    import torch
+
+    proc = subprocess.run([sys.executable, "-c", _LORA_STEP, model, str(out), *extra], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return torch.load(out)
+
+
+def _two_layer_model(tmp_path) -> str:
+    model = os.environ.get("SFTLIB_GPU_MODEL")
+    if not model:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from make_model import write_model
+
+        model = str(write_model(Path(os.environ.get("SFTLIB_GPU_MODEL_CACHE", tmp_path / "llama-2l")), layers=2))
+    return model
+
+
+@needs_cuda
+def test_recompute_skip_keeps_loss_and_gradients(tmp_path):
+    """With Unsloth's offloaded recomputation, a recomputed layer skipping its MLP's down product
+    (SFTLIB_RECOMPUTE_SKIP=1) gives the same loss and LoRA gradients as making it, and really skips (once per layer).
+    Unsloth's per-block compile is off here, as it is for packed batches (the skip never acts inside a compiled
+    block)."""
+    import torch
+
+    pytest.importorskip("unsloth")
+    model = _two_layer_model(tmp_path)
+    runs = {}
+    for name, setting in (("skip", "1"), ("made", "0")):
+        env = dict(os.environ, SFTLIB_MERGED_LORA="1", SFTLIB_RECOMPUTE_SKIP=setting, UNSLOTH_BLOCK_COMPILE="0",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        runs[name] = _lora_step(model, tmp_path / f"step-{name}.pt", env, ["recompute"])
+    skip, made = runs["skip"], runs["made"]
+    assert "skips its MLP's down product" in skip["note"], skip["note"]
+    layers = len(skip["grads"]) // (2 * 7)
+    assert skip["calls"]["skipped"] == layers and made["calls"]["skipped"] == 0, (skip["calls"], made["calls"])
+    assert abs(skip["loss"] - made["loss"]) <= 1e-6 * abs(made["loss"])  # the forward giving the loss is untouched
+    assert skip["grads"].keys() == made["grads"].keys()
+    for name, want in made["grads"].items():  # the same operations on the same values; atomics may reorder sums
+        got = skip["grads"][name]
+        assert want.norm() > 0 and float((got - want).norm() / want.norm()) < 1e-3, name
+
+
 @needs_cuda
 def test_merged_lora_matches_unsloth_products(tmp_path):
     """LoRA folded into the dequantized weights (sftlib.training.merged_lora) against Unsloth's three products:
@@ -280,21 +327,12 @@ def test_merged_lora_matches_unsloth_products(tmp_path):
     import torch
 
     pytest.importorskip("unsloth")
-    model = os.environ.get("SFTLIB_GPU_MODEL")
-    if not model:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from make_model import write_model
-
-        model = str(write_model(Path(os.environ.get("SFTLIB_GPU_MODEL_CACHE", tmp_path / "llama-2l")), layers=2))
+    model = _two_layer_model(tmp_path)
     runs = {}
     for name, setting, extra in (("merged", "1", []), ("products", "0", []), ("jitter", "0", ["jitter"])):
         env = dict(os.environ, SFTLIB_MERGED_LORA=setting,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        out = tmp_path / f"step-{name}.pt"
-        proc = subprocess.run([sys.executable, "-c", _LORA_STEP, model, str(out), *extra], capture_output=True,
-                              text=True, env=env, timeout=900)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        runs[name] = torch.load(out)
+        runs[name] = _lora_step(model, tmp_path / f"step-{name}.pt", env, extra)
     merged, products, jittered = runs["merged"], runs["products"], runs["jitter"]
     assert merged["note"] and "layers fold LoRA" in merged["note"], merged["note"]
     assert merged["calls"]["merged"] > 0 and merged["calls"]["unsloth"] == 0, merged["calls"]
