@@ -356,7 +356,7 @@ class _Checkpoint(torch.autograd.Function):
 
 def _two_layers(recomputing, checkpointed=True):
     """(output, gradients of X and every A and B) of two Llama-like layers on NF4 weights, each recomputed in the
-    backward pass: h = X + o(v(X)); out = h + mlp(norm(h)), the MLP's output only added to the residual."""
+    backward pass: h = X + o(q(X)); out = h + mlp(norm(h)), the MLP's output only added to the residual."""
     fl = _FastLora()
     qkv, o, mlp_forward = merged_lora._wrappers(fl, _get, _dequantize, merged_lora.silu_mul,
                                                 merged_lora.silu_mul_backward, "on", recomputing)
@@ -390,7 +390,7 @@ def test_recomputed_layers_skip_the_down_product_with_the_same_gradients():
         assert torch.equal(a, b) and torch.equal(b, c)  # bit for bit: the same operations on the same values
 
 
-def test_skipped_output_has_the_shape_and_not_the_values():
+def test_a_skipped_call_dequantizes_and_multiplies_gate_and_up_only():
     attn, mlp = _layer()
     X = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
     params = [_get(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
@@ -406,6 +406,43 @@ def test_skipped_output_has_the_shape_and_not_the_values():
     got = merged_lora.mlp(X, *params, dequantize, skip=True)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert seen == [(128, 64), (128, 64)]  # gate and up only: down's weight is neither dequantized nor multiplied
+
+
+@pytest.mark.parametrize("model", ["tiny_model_dir", "stories_dir"])
+def test_recomputed_real_layer_skips_the_down_product_with_the_same_gradients(request, model):
+    """The residual MLP half of a real decoder layer (its own RMSNorm, PEFT's LoRA on its projections), recomputed by
+    the stand-in checkpointer: skipping the down product there changes no output and no gradient, bit for bit."""
+    layer = _adapted(request.getfixturevalue(model))
+    block, norm = layer.mlp, layer.post_attention_layernorm
+    projs = [block.gate_proj, block.up_proj, block.down_proj]
+    leaves = [t for p in projs for t in (p.lora_A["default"].weight, p.lora_B["default"].weight)]
+    dequantized = []
+
+    def counting_copy(W, quant, buffer):
+        dequantized.append(tuple(W.shape))
+        return copy(W, quant, buffer)
+
+    def half_layer(h):
+        return h + merged_lora.mlp(norm(h), *[_params(p) for p in projs], counting_copy, skip=_recomputing())
+
+    def run(checkpointed):
+        for t in leaves:
+            t.grad = None
+        dequantized.clear()
+        X = torch.randn(2, 13, block.gate_proj.in_features, generator=torch.Generator().manual_seed(13),
+                        requires_grad=True)
+        out = _Checkpoint.apply(half_layer, X) if checkpointed else half_layer(X)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(14))).sum().backward()
+        return [out.detach(), X.grad] + [t.grad.clone() for t in leaves], list(dequantized)
+
+    skipping, seen = run(True)
+    down = tuple(block.down_proj.base_layer.weight.shape)
+    # forward: gate, up, down; recomputation: gate and up only; backward: down, gate, up
+    assert seen.count(down) == 2 and len(seen) == 8, seen
+    plain, seen = run(False)
+    assert seen.count(down) == 2 and len(seen) == 6, seen
+    for a, b in zip(skipping, plain, strict=True):
+        assert b.abs().max() > 0 and torch.equal(a, b)
 
 
 def test_recompute_skip_switch(monkeypatch):
