@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -374,6 +375,14 @@ def spawn(args: list[str], timeout: float, script: str = __file__) -> tuple[dict
     return (json.loads(rows[-1]) if rows else None), text
 
 
+def failure_line(log: str) -> str:
+    """What a failed run's output says went wrong: its last exception line (`torch.OutOfMemoryError: ...`), else
+    its last non-empty line (a progress bar often comes after the traceback)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception|Interrupt)\b(:|$)", line)]
+    return ((raised or lines)[-1:] or ["no output"])[0][:300]
+
+
 def write_report(out: Path, rows: list[dict], probe_info: dict, command: str, notes: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_bench.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -458,10 +467,9 @@ def main(argv=None) -> None:
         with (out / "gpu_bench_logs.txt").open("a") as f:  # every contender's output, one file
             f.write(f"\n===== {name} ({durations[-1]:.0f}s) =====\n{log[-100_000:]}\n")
         if row is None:
-            tail = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["no output"]
             row = {"contender": name.split(":")[0], "setting": name.split(":")[1], "gpu": probe_info["gpu"],
                    "tokens_per_s": None, "peak_gib": None, "mfu": None, "first_losses": [], "versions": {},
-                   "error": tail[0][-300:]}
+                   "error": failure_line(log)}
         else:
             row["flops_per_token"] = fpt
             row["matmul_tflops"] = probe_info["matmul_tflops"]

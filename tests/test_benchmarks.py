@@ -90,3 +90,12 @@ def test_data_prep_benchmark_second_run_reuses_the_cache(tmp_path):
     result = json.loads((tmp_path / "data_prep.json").read_text())
     assert {k: v["reused"] for k, v in result["second_run"].items()} == {"all": True, "assistant": True}
     assert result["second_run"]["all"]["rows"] == 60 and "reused the cache" in (tmp_path / "data_prep.md").read_text()
+
+
+def test_failed_run_records_its_exception_not_the_progress_bar():
+    log = ("Unsloth: patching\nTraceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n"
+           "    raise ValueError('no')\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 256.00 MiB.\n\n"
+           "  0%|          | 0/8 [00:02<?, ?it/s]\n")
+    assert gpu_bench.failure_line(log) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 256.00 MiB."
+    assert gpu_bench.failure_line("loading\n  0%| 0/8\n") == "0%| 0/8"  # no exception: the last line
+    assert gpu_bench.failure_line("") == "no output"
