@@ -68,9 +68,9 @@ SETTINGS = {
     "sftlib:auto-nomerge": dict(gc="auto", auto_batch=True, batch=8, accum=2, env={"SFTLIB_MERGED_LORA": "0"}),
     "sftlib:auto-15GiB-nomerge": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
                                       env={"SFTLIB_MERGED_LORA": "0"}),
-    # SFTLIB_RECOMPUTE_SKIP=1: recomputed layers skip their MLP's down product (sftlib/training/merged_lora.py)
-    "sftlib:auto-15GiB-skip": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
-                                   env={"SFTLIB_RECOMPUTE_SKIP": "1"}),
+    # SFTLIB_RECOMPUTE_SKIP=0: recomputed layers make their MLP's down product too (sftlib/training/merged_lora.py)
+    "sftlib:auto-15GiB-noskip": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
+                                     env={"SFTLIB_RECOMPUTE_SKIP": "0"}),
     "sftlib:15GiB-gc-2x8-keep16-nomerge": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=16,
                                                env={"SFTLIB_MERGED_LORA": "0"}),
     "sftlib:15GiB-nogc-1x16-merge": dict(gc="false", batch=1, accum=16, cap=15, env={"SFTLIB_MERGED_LORA": "1"}),
@@ -85,9 +85,8 @@ SETTINGS = {
     "sftlib:15GiB-gc-2x8-keep12": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=12),
     "sftlib:15GiB-gc-2x8-keep16": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=16),
     "sftlib:15GiB-gc-4x4-keep6": dict(gc="unsloth", batch=4, accum=4, cap=15, keep=6),
-    # the plan's 8 x 2 recomputed, with the memory it leaves under the cap spent on two layers kept, the skip on
-    "sftlib:15GiB-gc-8x2-keep2-skip": dict(gc="unsloth", batch=8, accum=2, cap=15, keep=2,
-                                           env={"SFTLIB_RECOMPUTE_SKIP": "1"}),
+    # the plan's 8 x 2 recomputed, with some of the memory it leaves under the cap spent on two layers kept
+    "sftlib:15GiB-gc-8x2-keep2": dict(gc="unsloth", batch=8, accum=2, cap=15, keep=2),
 }
 DEFAULT_RUNS = "unsloth:article,sftlib:auto,hf:article,sftlib:article,sftlib:auto-40GiB,sftlib:auto-15GiB"
 
