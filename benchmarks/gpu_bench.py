@@ -71,6 +71,9 @@ SETTINGS = {
     # SFTLIB_RECOMPUTE_SKIP=0: recomputed layers make their MLP's down product too (sftlib/training/merged_lora.py)
     "sftlib:auto-15GiB-noskip": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
                                      env={"SFTLIB_RECOMPUTE_SKIP": "0"}),
+    # SFTLIB_AUTO_KEEP=1: the plan keeps as many layers from recomputation as its estimate fits (training/autotune.py)
+    "sftlib:auto-15GiB-autokeep": dict(gc="auto", auto_batch=True, batch=8, accum=2, cap=15,
+                                       env={"SFTLIB_AUTO_KEEP": "1"}),
     "sftlib:15GiB-gc-2x8-keep16-nomerge": dict(gc="unsloth", batch=2, accum=8, cap=15, keep=16,
                                                env={"SFTLIB_MERGED_LORA": "0"}),
     "sftlib:15GiB-nogc-1x16-merge": dict(gc="false", batch=1, accum=16, cap=15, env={"SFTLIB_MERGED_LORA": "1"}),

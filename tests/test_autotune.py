@@ -19,10 +19,10 @@ WEIGHTS_8B = 5.7 * GiB  # NF4 weights, bf16 embeddings and LM head, LoRA states
 
 
 def _plan(budget_gib, checkpointing="auto", auto_batch=True, batch=8, accum=2, backend="unsloth", seq=2048,
-          model=autotune.MEASURED, static=WEIGHTS_8B, keep=0):
+          model=autotune.MEASURED, static=WEIGHTS_8B, keep=0, fill=False):
     return plan(budget_bytes=budget_gib * GiB, static_bytes=static, dims=LLAMA_8B, seq_len=seq,
                 batch_size=batch, grad_accum=accum, checkpointing=checkpointing, auto_batch=auto_batch,
-                backend=backend, model=model, keep_layers=keep)
+                backend=backend, model=model, keep_layers=keep, fill_keep=fill)
 
 
 def test_large_gpu_turns_checkpointing_off_and_keeps_the_effective_batch():
@@ -136,3 +136,63 @@ def test_layers_kept_out_of_recomputation_are_planned_for():
     assert p.estimated_peak_gib <= 15 * (1 - autotune.PACKED_KERNEL.margin) - autotune.PACKED_KERNEL.reserve_gib
     assert autotune.activation_bytes_per_token(LLAMA_8B, "unsloth", keep_layers=10 ** 6) == \
         autotune.activation_bytes_per_token(LLAMA_8B, "unsloth", keep_layers=32)
+
+
+HELD = 5.734 * GiB  # what the H100 runs' plan held (its estimate for 8 x 2 recomputed: 9.48 GiB)
+
+
+def _usable(budget_gib, model=autotune.PACKED_KERNEL):
+    return budget_gib * (1 - model.margin) - model.reserve_gib
+
+
+def test_the_plan_can_keep_as_many_layers_as_the_memory_left_holds():
+    """SFTLIB_AUTO_KEEP's plan: where it recomputes, the largest number of kept layers whose estimate still fits.
+    Under 15 GiB, held memory as the H100 runs' plan counted it (9.48 GiB estimated for 8 x 2 recomputed), that is
+    one: two are estimated at 12.9 GiB, over the 12.8 usable (measured: 10.6 GiB for two, out of memory for five)."""
+    base = _plan(15, model=autotune.PACKED_KERNEL, static=HELD)
+    assert base.estimated_peak_gib == pytest.approx(9.48, abs=0.01)
+    assert base.keep_layers == 0 and base.gradient_checkpointing == "unsloth" and base.batch_size == 8
+    p = _plan(15, model=autotune.PACKED_KERNEL, static=HELD, fill=True)
+    assert (p.gradient_checkpointing, p.batch_size, p.grad_accum, p.keep_layers) == ("unsloth", 8, 2, 1)
+    assert p.estimated_peak_gib <= _usable(15) and "1 of 32 layers kept" in p.reason
+    two = _plan(15, model=autotune.PACKED_KERNEL, static=HELD, checkpointing="unsloth", auto_batch=False,
+                keep=2)
+    assert two.estimated_peak_gib == pytest.approx(12.86, abs=0.01) and two.estimated_peak_gib > _usable(15)
+    assert p.estimated_peak_gib == pytest.approx(_plan(15, model=autotune.PACKED_KERNEL, static=HELD,
+                                                       checkpointing="unsloth", auto_batch=False,
+                                                       keep=1).estimated_peak_gib)
+    # more memory, more kept layers, never more than the model has
+    forty = _plan(40, model=autotune.PACKED_KERNEL, static=HELD, checkpointing="unsloth", auto_batch=False,
+                  fill=True)
+    assert 1 < forty.keep_layers < 32 and forty.estimated_peak_gib <= _usable(40)
+    assert _plan(139, checkpointing="unsloth", auto_batch=False, fill=True).keep_layers == 32
+
+
+def test_kept_layers_are_only_filled_in_where_the_plan_recomputes_and_the_user_set_none():
+    assert _plan(139, fill=True).gradient_checkpointing == "false" and _plan(139, fill=True).keep_layers == 0
+    user = _plan(15, model=autotune.PACKED_KERNEL, static=5.50 * GiB, keep=16, fill=True)
+    assert user.keep_layers == 0  # the configured 16 stay, planned for as before
+    assert user == _plan(15, model=autotune.PACKED_KERNEL, static=5.50 * GiB, keep=16)
+    tight = _plan(11, model=autotune.PACKED_KERNEL, static=HELD, fill=True)
+    assert tight.gradient_checkpointing == "unsloth" and tight.keep_layers == 0  # nothing left over
+
+
+def test_apply_writes_the_kept_layers_as_chosen_automatically():
+    p = _plan(15, model=autotune.PACKED_KERNEL, static=HELD, fill=True)
+    cfg = RunConfig()
+    notes = autotune.apply(cfg, p)
+    assert cfg.train.checkpoint_keep_layers == 1 and cfg.sources["train.checkpoint_keep_layers"] == "auto"
+    assert any("checkpoint_keep_layers" in n for n in notes)
+    cfg = RunConfig()
+    autotune.apply(cfg, _plan(15, model=autotune.PACKED_KERNEL, static=HELD))
+    assert cfg.train.checkpoint_keep_layers == 0 and "train.checkpoint_keep_layers" not in cfg.sources
+
+
+def test_auto_keep_switch(monkeypatch):
+    monkeypatch.delenv("SFTLIB_AUTO_KEEP", raising=False)
+    assert autotune.auto_keep() is False  # off until measured on a GPU
+    monkeypatch.setenv("SFTLIB_AUTO_KEEP", "1")
+    assert autotune.auto_keep() is True
+    monkeypatch.setenv("SFTLIB_AUTO_KEEP", "lots")
+    with pytest.raises(ValueError, match="SFTLIB_AUTO_KEEP must be 0 or 1"):
+        autotune.auto_keep()

@@ -29,6 +29,10 @@ about 16k tokens are slower, not faster (see MAX_TOKENS_PER_MICRO_BATCH). So the
    so recomputation comes first there. To train one row at a time without it, set
    `train.gradient_checkpointing: false`, `train.batch_size: 1`. Two rows recomputing half the layers
    (`train.checkpoint_keep_layers: 16`) ran 1.02x the plan there, with 12 kept 0.95x: not chosen either.
+4. Where the plan recomputes and no layers were configured to be kept, `SFTLIB_AUTO_KEEP=1` also keeps as
+   many layers from recomputation as the memory left holds by the same estimate (`Plan.keep_layers`). Off
+   by default: at the plan's 8 x 2 under a 15 GiB cap (H100), two kept ran 1.01x and five ran out of memory,
+   and the one layer this estimate allows there has not been measured.
 
 "Fits" uses a memory model: the bytes already allocated (the loaded model, measured), plus the LoRA
 weights, gradients and optimizer states, plus activation bytes per token x tokens per micro-batch,
@@ -117,6 +121,7 @@ class Plan:
     fits: bool
     reason: str
     candidates: list = field(default_factory=list)  # (checkpointing, batch, estimated GiB, fits) tried
+    keep_layers: int = 0  # layers the plan exempts from recomputation (SFTLIB_AUTO_KEEP=1); 0: none chosen
 
     def __str__(self) -> str:
         return (f"memory plan: checkpointing {self.gradient_checkpointing}, batch {self.batch_size} x "
@@ -160,11 +165,13 @@ def divisors(n: int) -> list[int]:
 
 def plan(*, budget_bytes: float, static_bytes: float, dims: ModelDims, seq_len: int, batch_size: int,
          grad_accum: int, checkpointing: str, auto_batch: bool, backend: str = "unsloth",
-         model: MemoryModel = MEASURED, keep_layers: int = 0) -> Plan:
+         model: MemoryModel = MEASURED, keep_layers: int = 0, fill_keep: bool = False) -> Plan:
     """The settings to train with. `checkpointing` is the configured value; `auto` lets the plan choose.
 
     `static_bytes`: memory held before training (weights, LoRA, optimizer states); `budget_bytes`:
     what the process may use in all; `keep_layers`: layers exempt from recomputation wherever it is on.
+    `fill_keep`: where the plan recomputes and `keep_layers` is 0, exempt as many layers as the memory left
+    under the budget holds by the same estimate (`Plan.keep_layers`).
     """
     effective = batch_size * grad_accum
     usable = budget_bytes * (1 - model.margin) - model.reserve_gib * GiB
@@ -190,12 +197,41 @@ def plan(*, budget_bytes: float, static_bytes: float, dims: ModelDims, seq_len: 
                 "checkpointing needed to fit" if checkpointing == "auto" else "checkpointing as configured"
             if b != batch_size:
                 why += f"; micro-batch {b} keeps the effective batch of {effective}"
-            return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, True, why, tried)
+            kept = 0
+            if fill_keep and mode != "false" and not keep_layers:
+                for k in range(dims.layers, 0, -1):
+                    per_token = activation_bytes_per_token(dims, mode, backend=backend, model=model, keep_layers=k)
+                    with_k = static_bytes + model.overhead_gib * GiB + per_token * b * seq_len
+                    if with_k <= usable:
+                        kept, peak = k, with_k
+                        why += f"; {k} of {dims.layers} layers kept from recomputation in the memory left"
+                        break
+            return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, True, why, tried, kept)
     mode, b = modes[-1], sizes[-1]
     peak = static_bytes + model.overhead_gib * GiB + \
         activation_bytes_per_token(dims, mode, backend=backend, model=model, keep_layers=keep_layers) * b * seq_len
     return Plan(mode, b, effective // b, peak / GiB, budget_bytes / GiB, False,
                 "nothing fits the estimate; trying the smallest setting", tried)
+
+
+def auto_keep() -> bool:
+    """Whether a plan that recomputes also keeps layers out of recomputation in the memory it leaves
+    (SFTLIB_AUTO_KEEP: 0, the default until measured on a GPU, or 1)."""
+    raw = os.environ.get("SFTLIB_AUTO_KEEP", "0").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"SFTLIB_AUTO_KEEP must be 0 or 1, got {raw!r}")
+
+
+def unsloth_can_keep_layers() -> bool:
+    """Whether this Unsloth's get_peft_model takes `checkpoint_skip_layers` (layers kept from recomputation)."""
+    import inspect
+
+    from unsloth import FastLanguageModel
+
+    return "checkpoint_skip_layers" in inspect.signature(FastLanguageModel.get_peft_model).parameters
 
 
 def gpu_budget_bytes(device: int = 0) -> float:
@@ -227,18 +263,23 @@ def plan_for_model(cfg, model, backend) -> Plan:
     static = torch.cuda.memory_allocated(device) + lora_state_bytes(model, cfg.lora.r, cfg.lora.target_modules)
     from sftlib.training import packed_attention
 
+    fill = auto_keep() and t.gradient_checkpointing == "auto" and not t.checkpoint_keep_layers and \
+        (backend.name != "unsloth" or unsloth_can_keep_layers())
     return plan(budget_bytes=gpu_budget_bytes(device), static_bytes=static, dims=dims,
                 seq_len=cfg.model.max_seq_length, batch_size=t.batch_size, grad_accum=t.grad_accum,
                 checkpointing=t.gradient_checkpointing, auto_batch=t.auto_batch, backend=backend.name,
-                keep_layers=t.checkpoint_keep_layers,
+                keep_layers=t.checkpoint_keep_layers, fill_keep=fill,
                 model=PACKED_KERNEL if packed_attention.active() and t.packing else MEASURED)
 
 
 def apply(cfg, chosen: Plan) -> list[str]:
     """Write `chosen` into `cfg.train`; returns one note per value that changed."""
     t, notes = cfg.train, []
-    for key, value in (("gradient_checkpointing", chosen.gradient_checkpointing),
-                       ("batch_size", chosen.batch_size), ("grad_accum", chosen.grad_accum)):
+    changes = [("gradient_checkpointing", chosen.gradient_checkpointing), ("batch_size", chosen.batch_size),
+               ("grad_accum", chosen.grad_accum)]
+    if chosen.keep_layers:
+        changes.append(("checkpoint_keep_layers", chosen.keep_layers))
+    for key, value in changes:
         if getattr(t, key) != value:
             notes.append(f"`train.{key}`: {getattr(t, key)} -> {value}")
             setattr(t, key, value)

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 from sftlib.config import ConfigError, Problem
+from sftlib.training import autotune
 
 
 def linear_module_names(model) -> list[str]:
@@ -98,8 +98,7 @@ def add_lora(model, cfg, backend, tokens=None):
     saved = [embed_name] + ([] if head is None else [head_name]) if whole else None
     plan = None
     if cfg.train.gradient_checkpointing == "auto" or cfg.train.auto_batch:
-        from sftlib.training import autotune  # decided here: Unsloth sets checkpointing up when it adds LoRA
-
+        # decided here: Unsloth sets checkpointing up when it adds LoRA
         plan = autotune.plan_for_model(cfg, model, backend)
         autotune.apply(cfg, plan)
     gc = cfg.train.gradient_checkpointing
@@ -116,7 +115,7 @@ def add_lora(model, cfg, backend, tokens=None):
         # PEFT's trainable-tokens wrapper gives with the trained rows written in, so their gradient flows.
         rows_arg = {"trainable_token_indices": token_rows} if token_rows else {}
         if keep:  # Unsloth's own per-layer switch, which its later calls to re-enable checkpointing respect
-            if "checkpoint_skip_layers" not in inspect.signature(FastLanguageModel.get_peft_model).parameters:
+            if not autotune.unsloth_can_keep_layers():
                 raise ConfigError(Problem("train.checkpoint_keep_layers", "this Unsloth cannot keep some layers' "
                                           "activations (no `checkpoint_skip_layers`); upgrade it or set 0"))
             rows_arg["checkpoint_skip_layers"] = keep
