@@ -29,7 +29,7 @@ about 16k tokens are slower, not faster (see MAX_TOKENS_PER_MICRO_BATCH). So the
    so recomputation comes first there. To train one row at a time without it, set
    `train.gradient_checkpointing: false`, `train.batch_size: 1`. Two rows recomputing half the layers
    (`train.checkpoint_keep_layers: 16`) ran 1.02x the plan there, with 12 kept 0.95x: not chosen either.
-4. Where the plan recomputes and no layers were configured to be kept, `SFTLIB_AUTO_KEEP=1` also keeps as
+4. Where the plan recomputes on Unsloth and no layers were configured to be kept, `SFTLIB_AUTO_KEEP=1` keeps as
    many layers from recomputation as the memory left holds by the same estimate (`Plan.keep_layers`). Off
    by default: at the plan's 8 x 2 under a 15 GiB cap (H100), two kept ran 1.01x and five ran out of memory,
    and the one layer this estimate allows there has not been measured.
@@ -263,8 +263,9 @@ def plan_for_model(cfg, model, backend) -> Plan:
     static = torch.cuda.memory_allocated(device) + lora_state_bytes(model, cfg.lora.r, cfg.lora.target_modules)
     from sftlib.training import packed_attention
 
+    # kept layers only where their memory was measured: Unsloth's (transformers keeps more per layer, hf_factor)
     fill = auto_keep() and t.gradient_checkpointing == "auto" and not t.checkpoint_keep_layers and \
-        (backend.name != "unsloth" or unsloth_can_keep_layers())
+        backend.name == "unsloth" and unsloth_can_keep_layers()
     return plan(budget_bytes=gpu_budget_bytes(device), static_bytes=static, dims=dims,
                 seq_len=cfg.model.max_seq_length, batch_size=t.batch_size, grad_accum=t.grad_accum,
                 checkpointing=t.gradient_checkpointing, auto_batch=t.auto_batch, backend=backend.name,
