@@ -155,8 +155,8 @@ class TrainConfig:
     checkpoint_keep_layers: int = setting(
         0, "With checkpointing on: this many decoder layers, evenly spaced, keep their activations for the backward "
         "pass instead of recomputing them: faster, for one layer's activations of a micro-batch each (about 0.2 GiB "
-        "per 2048 tokens on Llama-3.1-8B). 0 = every layer recomputed (with `auto` checkpointing and the environment "
-        "variable SFTLIB_AUTO_KEEP=1, the plan sets it from the memory it leaves).")
+        "per 2048 tokens on Llama-3.1-8B). 0 = every layer recomputed (with `auto` checkpointing on Unsloth and "
+        "the environment variable SFTLIB_AUTO_KEEP=1, the plan sets it from the memory it leaves).")
     auto_batch: bool = setting(False, "Split the effective batch (batch_size x grad_accum) into the micro-batch "
                                "that fits the free GPU memory best (see sftlib.training.autotune); needs a CUDA GPU.")
     logging_steps: int = setting(1, "Log loss and learning rate every N steps.")
