@@ -217,12 +217,9 @@ def plan(*, budget_bytes: float, static_bytes: float, dims: ModelDims, seq_len: 
 def auto_keep() -> bool:
     """Whether a plan that recomputes also keeps layers out of recomputation in the memory it leaves
     (SFTLIB_AUTO_KEEP: 0, the default until measured on a GPU, or 1)."""
-    raw = os.environ.get("SFTLIB_AUTO_KEEP", "0").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"SFTLIB_AUTO_KEEP must be 0 or 1, got {raw!r}")
+    from sftlib.training import env_switch
+
+    return env_switch("SFTLIB_AUTO_KEEP", False)
 
 
 def unsloth_can_keep_layers() -> bool:

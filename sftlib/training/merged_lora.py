@@ -60,12 +60,9 @@ def mode() -> str:
 
 def recompute_skip() -> bool:
     """Whether a recomputed layer skips its MLP's down product (SFTLIB_RECOMPUTE_SKIP: 1, the default, or 0)."""
-    raw = os.environ.get("SFTLIB_RECOMPUTE_SKIP", "1").strip().lower()
-    if raw in ("0", "false", "no", "off"):
-        return False
-    if raw in ("", "1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"SFTLIB_RECOMPUTE_SKIP must be 0 or 1, got {raw!r}")
+    from sftlib.training import env_switch
+
+    return env_switch("SFTLIB_RECOMPUTE_SKIP", True)
 
 
 def break_even_tokens(shapes) -> float:

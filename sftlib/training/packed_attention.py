@@ -22,7 +22,7 @@ it off (to measure the difference).
 
 from __future__ import annotations
 
-import os
+from sftlib.training import env_switch
 
 _NOTE: str | None = None
 _DONE = False
@@ -106,8 +106,9 @@ def enable() -> str | None:
     global _NOTE, _DONE
     if _DONE:
         return _NOTE
+    on = env_switch("SFTLIB_PACKED_VARLEN", True)  # a bad value raises before anything is decided
     _DONE = True
-    if os.environ.get("SFTLIB_PACKED_VARLEN", "1").lower() in ("0", "false", "no", "off"):
+    if not on:
         return None
     try:
         import unsloth.utils.attention_dispatch as dispatch
